@@ -1,0 +1,85 @@
+"""Vision Transformer classifiers for fine-tuning and linear probing of MAE encoders.
+
+These are timm's ``VisionTransformer``, configured (not subclassed) so that the state-dict layout is the
+original MAE one:
+
+* ``global_pool=True`` (the original default): the mean of the patch tokens, then ``fc_norm``; the final
+  ``norm`` is absent (timm makes it an Identity), exactly as in the released fine-tuned checkpoints.
+* ``global_pool=False``: the class token after the final ``norm``.
+
+Importing this module registers the ``vit_*`` constructors below in timm's registry. Names have no
+image-size suffix (``vit_base_patch16``, not timm's own ``vit_base_patch16_224``), as in the original.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch.nn as nn
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+
+def vision_transformer(global_pool=True, **kwargs):
+    """A timm ``VisionTransformer`` with MAE's defaults (qkv bias, LayerNorm eps 1e-6, mlp ratio 4)."""
+    if isinstance(global_pool, str):  # timm spelling: "avg" / "token"
+        global_pool = global_pool == "avg"
+    img_size = kwargs.get("img_size", 224)
+    patch = kwargs.get("patch_size", 16)
+    sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if any(s % patch for s in sizes):
+        raise ValueError(f"image size {img_size} is not divisible by the patch size {patch}")
+    config = dict(
+        mlp_ratio=4,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        global_pool="avg" if global_pool else "token",
+        fc_norm=global_pool,  # global pool: fc_norm after pooling, no final norm
+    )
+    config.update(kwargs)
+    return VisionTransformer(**config)
+
+
+def _create(pretrained=False, defaults=None, **kwargs):
+    if pretrained:
+        raise ValueError(
+            "these models have no hub weights here; build the model, then load a file with "
+            "util.checkpoint.load_pretrained(model, path)"
+        )
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)  # timm.create_model passes these to every entrypoint
+    return vision_transformer(**{**defaults, **kwargs})
+
+
+@register_model
+def vit_tiny_patch16(pretrained=False, **kwargs):
+    return _create(pretrained, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), **kwargs)
+
+
+@register_model
+def vit_small_patch16(pretrained=False, **kwargs):
+    return _create(pretrained, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), **kwargs)
+
+
+@register_model
+def vit_base_patch16(pretrained=False, **kwargs):
+    return _create(pretrained, dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), **kwargs)
+
+
+@register_model
+def vit_large_patch16(pretrained=False, **kwargs):
+    return _create(pretrained, dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), **kwargs)
+
+
+@register_model
+def vit_huge_patch14(pretrained=False, **kwargs):
+    return _create(pretrained, dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), **kwargs)
+
+
+@register_model
+def vit_tiny_patch2(pretrained=False, **kwargs):
+    return _create(pretrained, dict(img_size=32, patch_size=2, embed_dim=192, depth=12, num_heads=3), **kwargs)
+
+
+@register_model
+def vit_tiny_patch4(pretrained=False, **kwargs):
+    return _create(pretrained, dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3), **kwargs)

@@ -1,0 +1,157 @@
+"""Loading weights: released-file shapes, resampling, heads, bad keys, and refusing pickled code."""
+import argparse
+import os
+import pickle
+
+import pytest
+import timm
+import torch
+
+import models_mae  # noqa: F401  (registers the models)
+import models_vit  # noqa: F401
+from util.checkpoint import CheckpointError, load_checkpoint_file, load_pretrained, save_atomic
+
+SMALL = dict(embed_dim=32, depth=2, num_heads=2)
+SMALL_DEC = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+
+
+def mae(img_size=32, **kwargs):
+    return timm.create_model("mae_vit_tiny_patch4", img_size=img_size, **SMALL, **SMALL_DEC, **kwargs)
+
+
+def vit(img_size=32, **kwargs):
+    return timm.create_model("vit_tiny_patch4", img_size=img_size, **SMALL, **kwargs)
+
+
+def save_original_style(path, state, **extra):
+    """As the original research code saved: a dict with an argparse.Namespace among plain values."""
+    torch.save({"model": state, "args": argparse.Namespace(model="mae", lr=1e-3), "epoch": 3, **extra}, path)
+
+
+def test_full_pretraining_file_with_namespace_args_loads_into_the_mae_model(tmp_path):
+    source = mae(norm_pix_loss=True)
+    save_original_style(tmp_path / "full.pth", source.state_dict())
+    target = mae()
+    report = load_pretrained(target, tmp_path / "full.pth", log=None)
+    assert report == dict(missing=[], unexpected=[], resampled=[], dropped=[])
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_encoder_only_file_into_the_mae_model_says_it_has_no_decoder(tmp_path):
+    state = {k: v for k, v in mae().state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    torch.save({"model": state}, tmp_path / "enc.pth")
+    with pytest.raises(CheckpointError, match="no decoder.*") as err:
+        load_pretrained(mae(), tmp_path / "enc.pth", log=None)
+    assert "mask_token" in str(err.value) and "enc.pth" in str(err.value)
+
+
+@pytest.mark.parametrize("global_pool", [True, False])
+def test_pretraining_file_into_a_classifier_misses_only_head_and_fc_norm(tmp_path, global_pool):
+    torch.save({"model": mae().state_dict()}, tmp_path / "pre.pth")
+    model = vit(num_classes=7, global_pool=global_pool)
+    report = load_pretrained(model, tmp_path / "pre.pth", head_init_std=2e-5, log=None)
+    expected_missing = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if global_pool else set())
+    assert set(report["missing"]) == expected_missing
+    assert all(k.startswith(("decoder", "mask_token", "norm.")) for k in report["unexpected"])
+    assert model.head.weight.std().item() < 1e-4 and torch.count_nonzero(model.head.bias) == 0
+
+
+def test_bare_state_dict_with_ddp_prefix_loads(tmp_path):
+    source = vit(num_classes=3)
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "bare.pth")
+    target = vit(num_classes=3)
+    load_pretrained(target, tmp_path / "bare.pth", log=None)
+    assert torch.equal(target.head.weight, source.head.weight)
+
+
+def test_head_of_another_class_count_is_dropped_and_reinitialised(tmp_path):
+    torch.save({"model": vit(num_classes=1000).state_dict()}, tmp_path / "ft.pth")
+    model = vit(num_classes=10)
+    report = load_pretrained(model, tmp_path / "ft.pth", head_init_std=0.01, log=None)
+    assert report["dropped"] == ["head.weight", "head.bias"]
+    assert 0.005 < model.head.weight.std().item() < 0.015
+
+
+def test_missing_encoder_key_is_an_error_naming_it(tmp_path):
+    state = mae().state_dict()
+    del state["blocks.1.attn.qkv.weight"]
+    torch.save({"model": state}, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \[blocks\.1\.attn\.qkv\.weight\]"):
+        load_pretrained(vit(num_classes=2), tmp_path / "broken.pth", log=None)
+
+
+def test_unexpected_key_is_an_error_naming_it(tmp_path):
+    state = mae().state_dict()
+    state["blocks.9.surprise"] = torch.zeros(1)
+    torch.save({"model": state}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"unexpected keys \[blocks\.9\.surprise\]"):
+        load_pretrained(mae(), tmp_path / "odd.pth", log=None)
+
+
+def test_shape_mismatch_is_an_error_naming_the_key(tmp_path):
+    torch.save({"model": mae(in_chans=1).state_dict()}, tmp_path / "gray.pth")
+    with pytest.raises(CheckpointError, match=r"patch_embed\.proj\.weight: checkpoint \(32, 1, 4, 4\)"):
+        load_pretrained(mae(in_chans=3), tmp_path / "gray.pth", log=None)
+
+
+def test_position_tables_14x14_resample_to_16x16(tmp_path):
+    source = mae(img_size=56)  # 14 x 14 patches of 4 px
+    torch.save({"model": source.state_dict()}, tmp_path / "p14.pth")
+    target = mae(img_size=64)  # 16 x 16
+    report = load_pretrained(target, tmp_path / "p14.pth", log=None)
+    assert sorted(report["resampled"]) == ["decoder_pos_embed", "pos_embed"]
+    for key in ("pos_embed", "decoder_pos_embed"):
+        table = target.state_dict()[key]
+        assert table.shape[1] == 1 + 16 * 16
+        assert torch.equal(table[:, 0], source.state_dict()[key][:, 0])  # the cls row is kept as is
+        old = source.state_dict()[key][0, 1:].reshape(14, 14, -1)
+        new = table[0, 1:].reshape(16, 16, -1)
+        # corners of the grid stay at the corners (align_corners=False bicubic: close, not equal)
+        assert torch.allclose(new[0, 0], old[0, 0], atol=0.15) and torch.allclose(new[-1, -1], old[-1, -1], atol=0.15)
+        assert not torch.allclose(new[1, 1], old[1, 1], atol=1e-3)
+    # and the classifier path does the same for a fine-tuning run at a larger size
+    model = vit(img_size=64, num_classes=2)
+    load_pretrained(model, tmp_path / "p14.pth", log=None)
+    assert model.pos_embed.shape == (1, 257, 32)
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_malicious_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _Exploit(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="refused for safety"):
+        load_checkpoint_file(tmp_path / "evil.pth")
+    assert not marker.exists()
+    # the same payload through plain pickle would have run: the test's payload is real
+    pickle.loads(pickle.dumps(_Exploit(marker)))
+    assert marker.exists()
+
+
+def test_missing_and_corrupt_files_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.pth does not exist"):
+        load_checkpoint_file(tmp_path / "nope.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        load_checkpoint_file(tmp_path / "junk.pth")
+
+
+def test_save_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "checkpoint-last.pth"
+    save_atomic({"epoch": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_atomic({"epoch": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]  # no temporary left behind
