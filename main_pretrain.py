@@ -1,0 +1,95 @@
+"""MAE pretraining.
+
+    python main_pretrain.py --model mae_vit_base_patch16 --norm_pix_loss --data_path /path/to/imagenet
+    torchrun --nproc_per_node=8 main_pretrain.py ...        (one or several nodes)
+    python submitit_pretrain.py --nodes 2 --ngpus 8 ...     (SLURM)
+
+Reads top to bottom: arguments, setup (distributed, data, model, optimizer, resume), the epoch loop.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+
+import torch
+from timm.optim import param_groups_weight_decay
+
+from engine import train_one_epoch
+from util import distributed
+from util.amp import GradientUpdater
+from util.checkpoint import resume_training, save_training_state
+from util.cli import Parser, UsageError, add_common_args, run
+from util.datasets import build_dataset, build_transform, dataset_info
+from util.loader import build_loader
+from util.logger import tensorboard_writer, write_log_line
+from util.lr_sched import effective_lr
+from util.runtime import build_model, count_parameters, setup_run, wrap_model
+
+
+def get_args_parser():
+    parser = Parser("MAE pretraining", add_help=True)
+    add_common_args(parser)
+    g = parser.add_argument_group("masked autoencoder")
+    g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed, in [0, 1)")
+    g.add_argument("--norm_pix_loss", action="store_true",
+                   help="regress each patch's pixels normalised by its own mean and std (the released models')")
+    parser.set_defaults(model="mae_vit_large_patch16", epochs=400, blr=1e-3, warmup_epochs=40,
+                        weight_decay=0.05, min_lr=0.0)
+    return parser
+
+
+def pretrain_loss(mask_ratio):
+    def loss_fn(model, samples, _targets):
+        loss, _pred, _mask = model(samples, mask_ratio=mask_ratio)
+        return loss
+    return loss_fn
+
+
+def main(args):
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise UsageError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    device = setup_run(args)
+
+    # data
+    info = dataset_info(args)
+    dataset_train = build_dataset("train", args, build_transform("pretrain", args))
+    print(f"training images: {len(dataset_train)}")
+    data_loader_train = build_loader(dataset_train, args, train=True)
+
+    # model and optimizer
+    model = build_model(args.model, img_size=args.input_size, in_chans=info.in_chans, norm_pix_loss=args.norm_pix_loss)
+    print(f"model {args.model}: {count_parameters(model) / 1e6:.1f}M trainable parameters")
+    model_ddp = wrap_model(model, args, device)
+
+    eff_batch = args.batch_size * args.accum_iter * distributed.get_world_size()
+    args.lr = effective_lr(args, distributed.get_world_size())
+    print(f"base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  effective batch size: {eff_batch}")
+    # no weight decay on norms, biases, position tables and tokens
+    param_groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay())
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    updater = GradientUpdater(args.amp, device)
+    resume_training(args, model, optimizer, updater)
+    log_writer = tensorboard_writer(args.log_dir)
+
+    # the loop
+    print(f"start training for {args.epochs} epochs ({args.amp} precision)")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        data_loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model_ddp, pretrain_loss(args.mask_ratio), data_loader_train, optimizer,
+                                      device, epoch, updater, args, log_writer=log_writer)
+        last = epoch + 1 == args.epochs
+        save_training_state(args, epoch, model, optimizer, updater, keep=epoch % args.save_freq == 0 or last)
+        write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
+        if log_writer is not None:
+            log_writer.flush()
+
+    total = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f"training time {total}")
+    if log_writer is not None:
+        log_writer.close()
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser().parse_args())

@@ -1,0 +1,175 @@
+"""main_pretrain.py end to end on tiny data: runs, torchrun, accumulation, exact resume, clear errors."""
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+import main_pretrain
+from conftest import run_program, tiny_pretrain_argv
+from engine import train_one_epoch
+from util.amp import GradientUpdater
+from util.loader import build_loader
+
+
+def pretrain_in_process(argv):
+    args = main_pretrain.get_args_parser().parse_args(argv)
+    main_pretrain.main(args)
+    return args
+
+
+def log_lines(output_dir):
+    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
+
+
+def test_short_pretraining_run_writes_checkpoints_and_log(imagefolder, tmp_path):
+    out = tmp_path / "out"
+    pretrain_in_process(tiny_pretrain_argv(imagefolder, out, "--save_freq", "1"))
+    lines = log_lines(out)
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert all(torch.isfinite(torch.tensor(line["train_loss"])) for line in lines)
+    assert {"train_loss", "train_lr"} <= set(lines[0])
+    # plain weights_only loading, no allow-list: args is a plain dict
+    checkpoint = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert set(checkpoint) >= {"model", "optimizer", "epoch", "scaler", "args"}
+    assert checkpoint["epoch"] == 1 and isinstance(checkpoint["args"], dict)
+    assert checkpoint["args"]["input_size"] == 32
+    assert checkpoint["model"]["pos_embed"].shape == (1, 65, 192)  # --input_size reached the model
+    assert (out / "checkpoint-0.pth").is_file() and (out / "checkpoint-1.pth").is_file()
+    assert list(out.glob("events.out.tfevents.*"))
+
+
+def test_torchrun_two_processes_gloo(imagefolder, tmp_path):
+    out = tmp_path / "out"
+    result = run_program("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_pretrain.py",
+                         *tiny_pretrain_argv(imagefolder, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 1/2, gloo" in result.stdout or "rank 1/2, gloo" in result.stderr
+    assert len(log_lines(out)) == 2  # one log, written by rank 0 only
+    assert sorted(p.name for p in out.glob("*.pth")) == ["checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth"]
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["args"]["world_size"] == 2
+    # rank 0 alone prints progress
+    assert result.stdout.count("Averaged stats") == 2
+
+
+def test_resume_after_epoch_k_is_bit_identical(imagefolder, tmp_path):
+    full = tmp_path / "full"
+    pretrain_in_process(tiny_pretrain_argv(imagefolder, full, "--epochs", "3", "--save_freq", "1", "--warmup_epochs", "1"))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(full / "checkpoint-0.pth", resumed / "checkpoint-last.pth")  # as if the run had stopped after epoch 0
+    pretrain_in_process(tiny_pretrain_argv(imagefolder, resumed, "--epochs", "3", "--warmup_epochs", "1", "--auto_resume"))
+    a = torch.load(full / "checkpoint-last.pth", weights_only=True)
+    b = torch.load(resumed / "checkpoint-last.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [line["epoch"] for line in log_lines(resumed)] == [1, 2]
+    assert [line["train_loss"] for line in log_lines(resumed)] == [line["train_loss"] for line in log_lines(full)[1:]]
+
+
+class CountingNoSync(torch.nn.Module):
+    """Stands in for DDP: records which micro-steps ran inside ``no_sync``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.in_no_sync = False
+        self.calls = []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append(self.in_no_sync)
+        return self.module(*args, **kwargs)
+
+    def no_sync(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            self.in_no_sync = True
+            yield
+            self.in_no_sync = False
+        return ctx()
+
+
+def one_epoch_grads(imagefolder, batch_size, accum_iter, wrap=None):
+    """Parameter change after one epoch of plain SGD (lr 1) = minus the accumulated gradient."""
+    args = main_pretrain.get_args_parser().parse_args(tiny_pretrain_argv(imagefolder, "", "--batch_size", batch_size,
+                                                                         "--accum_iter", accum_iter))
+    args.lr, args.min_lr, args.warmup_epochs, args.epochs, args.amp = 1.0, 1.0, 0, 1, "none"
+    torch.manual_seed(0)
+    model = main_pretrain.build_model("mae_vit_tiny_patch4", img_size=32, depth=2, decoder_depth=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    from util.datasets import build_dataset, build_transform
+
+    dataset = torch.utils.data.Subset(build_dataset("train", args, build_transform("eval", args)), range(8))
+    loader = build_loader(dataset, args, train=True)
+
+    def loss_fn(model, samples, _):
+        noise = samples[:, 0, 0, :].repeat(1, 2)[:, :64] + torch.arange(64) * 1e-3  # a mask fixed by the image
+        return model(samples, 0.75, noise=noise)[0]
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    runner = wrap(model) if wrap else model
+    train_one_epoch(runner, loss_fn, loader, optimizer, torch.device("cpu"), 0, GradientUpdater("none", torch.device("cpu")), args)
+    return {k: before[k] - v for k, v in model.state_dict().items()}, runner
+
+
+def test_accumulating_2x4_gives_the_gradients_of_batch_8(imagefolder):
+    full, _ = one_epoch_grads(imagefolder, 8, 1)
+    accumulated, runner = one_epoch_grads(imagefolder, 4, 2, wrap=CountingNoSync)
+    assert runner.calls == [True, False]  # the first micro-step skips the all-reduce, the update step syncs
+    for key in full:
+        assert torch.allclose(full[key], accumulated[key], atol=1e-6), key
+    assert any(full[key].abs().sum() > 0 for key in full)
+
+
+def one_line_error(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--input_size", "30"], "not divisible by the patch size"),
+    (["--mask_ratio", "1.0"], "--mask_ratio must be in [0, 1)"),
+    (["--model", "mae_vit_gigantic"], "unknown model 'mae_vit_gigantic'"),
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+])
+def test_bad_flags_give_one_line_errors(imagefolder, tmp_path, extra, expected):
+    result = run_program("main_pretrain.py", *tiny_pretrain_argv(imagefolder, tmp_path / "out"), *extra)
+    assert expected in one_line_error(result)
+
+
+def test_missing_and_empty_split_directories_are_named(tmp_path):
+    result = run_program("main_pretrain.py", *tiny_pretrain_argv(tmp_path / "nowhere", tmp_path / "out"))
+    assert "nowhere/train" in one_line_error(result)
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    result = run_program("main_pretrain.py", *tiny_pretrain_argv(tmp_path / "empty", tmp_path / "out"))
+    assert "empty/train" in one_line_error(result)
+
+
+def test_unreadable_image_names_the_file(imagefolder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(imagefolder, data)
+    bad = data / "train" / "class_01" / "img_003.jpg"
+    bad.write_bytes(b"\xff\xd8 this is no jpeg")
+    for workers in ("0", "2"):  # also when the error comes from a DataLoader worker process
+        result = run_program("main_pretrain.py", *tiny_pretrain_argv(data, tmp_path / "out"), "--num_workers", workers)
+        assert str(bad) in one_line_error(result)
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_checkpoint(imagefolder, tmp_path):
+    out = tmp_path / "out"
+    pretrain_in_process(tiny_pretrain_argv(imagefolder, out, "--epochs", "1"))
+    good = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    result = run_program("main_pretrain.py", *tiny_pretrain_argv(imagefolder, out, "--epochs", "3", "--auto_resume",
+                                                                 "--lr", "1e38", "--warmup_epochs", "0"))
+    message = one_line_error(result)
+    assert "loss is not finite at epoch 1, step" in message and "checkpoint-last.pth" in message
+    kept = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert kept["epoch"] == 0
+    assert all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
+    assert [line["epoch"] for line in log_lines(out)] == [0]

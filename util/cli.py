@@ -1,0 +1,111 @@
+"""Command-line plumbing shared by the three programs: common flags, one-line errors, program entry.
+
+Flag names and defaults follow the original research code so its command lines work unchanged; each program
+sets its own defaults (``parser.set_defaults``) where the original's differed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from util.amp import AMP_CHOICES
+from util.checkpoint import CheckpointError
+from util.datasets import DATASETS, DataError
+
+
+class UsageError(Exception):
+    """A wrong flag value or combination; printed as one line."""
+
+
+class NonFiniteLossError(Exception):
+    """The loss became NaN or infinite; the run stops and keeps the last good checkpoint."""
+
+
+USER_ERRORS = (UsageError, DataError, CheckpointError, NonFiniteLossError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line instead of the whole usage block."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every program has (training length, optimisation, data, output, distributed, precision)."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--batch_size", default=64, type=int,
+                   help="batch size per process; effective batch = batch_size x accum_iter x world size")
+    g.add_argument("--epochs", default=400, type=int)
+    g.add_argument("--accum_iter", default=1, type=int,
+                   help="accumulate gradients over this many iterations before an optimizer step")
+    g.add_argument("--model", type=str, help="name of the model to train")
+    g.add_argument("--input_size", default=224, type=int, help="image size (divisible by the patch size)")
+
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute learning rate (overrides --blr)")
+    g.add_argument("--blr", type=float, default=1e-3, metavar="LR",
+                   help="base learning rate: lr = blr x effective batch / 256")
+    g.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower bound of the cosine schedule")
+    g.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs of linear warmup")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="imagefolder", choices=DATASETS,
+                   help="imagefolder: DATA_PATH/{train,val}/CLASS/*; cifar10/cifar100: torchvision's on-disk format; "
+                        "filelist: DATA_PATH + --train_list/--val_list; fashion_mnist: raw idx files")
+    g.add_argument("--data_path", default=None, type=str, help="dataset root")
+    g.add_argument("--train_list", default=None, help="filelist: list of training images (default DATA_PATH/train.txt)")
+    g.add_argument("--val_list", default=None, help="filelist: list of validation images (default DATA_PATH/val.txt)")
+    g.add_argument("--download", action="store_true", help="download cifar10/100 or fashion_mnist when online")
+    g.add_argument("--num_workers", default=10, type=int)
+    g.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
+    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+
+    g = parser.add_argument_group("output and checkpoints")
+    g.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go ('' for none)")
+    g.add_argument("--log_dir", default="./output_dir", help="where TensorBoard logs go ('' for none)")
+    g.add_argument("--resume", default="", help="resume from this checkpoint")
+    g.add_argument("--auto_resume", action="store_true",
+                   help="resume from OUTPUT_DIR/checkpoint-last.pth when it exists (always on under SLURM launchers)")
+    g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
+    g.add_argument("--save_freq", default=20, type=int, metavar="N",
+                   help="keep checkpoint-EPOCH.pth every N epochs (checkpoint-last.pth is written every epoch)")
+    g.add_argument("--print_freq", default=20, type=int, metavar="N", help="progress line every N iterations")
+
+    g = parser.add_argument_group("device, precision, distributed")
+    g.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--amp", default=None, choices=AMP_CHOICES,
+                   help="mixed precision (default: bf16 on GPUs that support it, none on CPU)")
+    g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    g.add_argument("--world_size", default=1, type=int, help="set from the environment (torchrun, SLURM)")
+    g.add_argument("--local_rank", default=-1, type=int, help="ignored; torchrun's LOCAL_RANK is read instead")
+    g.add_argument("--dist_on_itp", action="store_true", help="ignored; kept for the original command lines")
+    g.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+
+
+def run(main, args) -> None:
+    """Call ``main(args)``; a user error becomes one line on stderr and exit status 1."""
+    try:
+        main(args)
+    except USER_ERRORS as e:
+        sys.stderr.write(f"error: {_one_line(e)}\n")
+        sys.exit(1)
+
+
+def _one_line(error: Exception) -> str:
+    message = str(error)
+    # an exception re-raised from a DataLoader worker carries the worker's traceback; keep its last line
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+    return message.strip()

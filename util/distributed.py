@@ -1,0 +1,139 @@
+"""One distributed code path for a single process, torchrun (single and multi-node) and SLURM tasks.
+
+The environment says which case applies:
+
+* torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
+* under SLURM (``srun``, submitit) every task has ``SLURM_PROCID``, ``SLURM_NTASKS`` and ``SLURM_LOCALID``;
+  the rendezvous is the job's first node, on a port derived from the job id, so no shared file is needed;
+* otherwise there is one process and no process group at all.
+
+nccl is used on CUDA, gloo on CPU. Only rank 0 prints (``print(..., force=True)`` prints from any rank).
+"""
+from __future__ import annotations
+
+import builtins
+import datetime
+import os
+import re
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first hostname of a SLURM node list such as ``gpu[003-005,9],cpu1`` (-> ``gpu003``)."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _slurm_port(job_id: str) -> int:
+    # same on every task of a job, different for jobs sharing a node
+    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def init_distributed_mode(args) -> None:
+    """Set ``args.rank``, ``args.world_size``, ``args.gpu`` (local rank) and ``args.distributed``; start the
+    process group when there is more than one process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.run
+        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        args.gpu = int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))))
+        env.setdefault("MASTER_PORT", str(_slurm_port(env.get("SLURM_JOB_ID", "0"))))
+    else:
+        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+        return
+    args.distributed = args.world_size > 1
+    if not args.distributed:
+        return
+
+    use_cuda = str(args.device).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+    backend = "nccl" if use_cuda else "gloo"
+    print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}): {args.dist_url}", flush=True)
+    dist.init_process_group(
+        backend=backend,
+        init_method=args.dist_url,
+        world_size=args.world_size,
+        rank=args.rank,
+        timeout=datetime.timedelta(minutes=30),
+        device_id=torch.device("cuda", args.gpu) if use_cuda else None,
+    )
+    barrier()
+    _print_only_on_main(args.rank == 0)
+
+
+def _print_only_on_main(is_main: bool) -> None:
+    builtin_print = builtins.print
+
+    def print_main(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_main or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_main
+
+
+def destroy() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value: float) -> float:
+    """Mean of a Python number over all ranks (one collective; call once per epoch, not per step)."""
+    if not is_dist():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return (t / get_world_size()).item()
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_object(obj) -> list:
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
