@@ -8,21 +8,18 @@ Reads top to bottom: arguments, setup (distributed, data, model, optimizer, resu
 """
 from __future__ import annotations
 
-import datetime
-import time
-
 import torch
 from timm.optim import param_groups_weight_decay
 
-from engine import train_one_epoch
+from engine import fit
 from util import distributed
 from util.amp import GradientUpdater
-from util.checkpoint import resume_training, save_training_state
+from util.checkpoint import resume_training
 from util.cli import Parser, UsageError, add_common_args, run
 from util.datasets import build_dataset, build_transform, dataset_info
 from util.loader import build_loader
-from util.logger import tensorboard_writer, write_log_line
-from util.lr_sched import effective_lr
+from util.logger import tensorboard_writer
+from util.lr_sched import set_effective_lr
 from util.runtime import build_model, count_parameters, setup_run, wrap_model
 
 
@@ -61,33 +58,16 @@ def main(args):
     print(f"model {args.model}: {count_parameters(model) / 1e6:.1f}M trainable parameters")
     model_ddp = wrap_model(model, args, device)
 
-    eff_batch = args.batch_size * args.accum_iter * distributed.get_world_size()
-    args.lr = effective_lr(args, distributed.get_world_size())
-    print(f"base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  effective batch size: {eff_batch}")
+    set_effective_lr(args, distributed.get_world_size())
     # no weight decay on norms, biases, position tables and tokens
     param_groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay())
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     updater = GradientUpdater(args.amp, device)
     resume_training(args, model, optimizer, updater)
-    log_writer = tensorboard_writer(args.log_dir)
 
     # the loop
-    print(f"start training for {args.epochs} epochs ({args.amp} precision)")
-    start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        data_loader_train.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model_ddp, pretrain_loss(args.mask_ratio), data_loader_train, optimizer,
-                                      device, epoch, updater, args, log_writer=log_writer)
-        last = epoch + 1 == args.epochs
-        save_training_state(args, epoch, model, optimizer, updater, keep=epoch % args.save_freq == 0 or last)
-        write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
-        if log_writer is not None:
-            log_writer.flush()
-
-    total = datetime.timedelta(seconds=int(time.time() - start_time))
-    print(f"training time {total}")
-    if log_writer is not None:
-        log_writer.close()
+    fit(args, model, model_ddp, pretrain_loss(args.mask_ratio), data_loader_train, optimizer, updater, device,
+        log_writer=tensorboard_writer(args.log_dir))
     distributed.destroy()
 
 

@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import PatchEmbed
 from timm.models import register_model
 from timm.models.vision_transformer import Block
@@ -39,10 +40,14 @@ class MaskedAutoencoderViT(nn.Module):
         mlp_ratio=4.0,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
         norm_pix_loss=False,
+        encoder_mask_tokens=False,
+        grad_ckpt=False,
     ):
         super().__init__()
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
+        self.encoder_mask_tokens = encoder_mask_tokens
+        self.grad_ckpt = grad_ckpt
 
         # --- encoder ---
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -58,6 +63,8 @@ class MaskedAutoencoderViT(nn.Module):
             [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
         )
         self.norm = norm_layer(embed_dim)
+        if encoder_mask_tokens:  # only then: the default state dict stays the original one
+            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
 
         # --- decoder ---
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
@@ -74,6 +81,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_norm = norm_layer(decoder_embed_dim)
         patch_h, patch_w = self.patch_embed.patch_size
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_h * patch_w * in_chans, bias=True)
+        if encoder_mask_tokens:
+            # the decoder's mask token is unused then; frozen, DDP does not wait for its gradient
+            self.mask_token.requires_grad_(False)
 
         self.initialize_weights()
 
@@ -87,6 +97,8 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
+        if self.encoder_mask_tokens:
+            nn.init.normal_(self.encoder_mask_token, std=0.02)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -102,7 +114,12 @@ class MaskedAutoencoderViT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self):
         # used by timm's param_groups_weight_decay (1-D params are excluded there anyway)
-        return {"pos_embed", "decoder_pos_embed", "cls_token", "mask_token"}
+        return {"pos_embed", "decoder_pos_embed", "cls_token", "mask_token", "encoder_mask_token"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable=True):
+        """timm's spelling of the ``grad_ckpt`` option."""
+        self.grad_ckpt = enable
 
     # ------------------------------------------------------------- patches
     @property
@@ -141,42 +158,57 @@ class MaskedAutoencoderViT(nn.Module):
         Returns the kept tokens (N, len_keep, D), the binary mask (N, L; 0 keep, 1 remove) in the original
         patch order, and ``ids_restore`` (N, L) which un-shuffles.
         """
+        ids_keep, mask, ids_restore = self.masking_ids(x.shape[0], x.shape[1], mask_ratio, noise, x.device)
+        # expand is a view: the gather reads the kept rows without materialising an index copy
+        x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        return x_masked, mask, ids_restore
+
+    @staticmethod
+    def masking_ids(n, length, mask_ratio, noise=None, device=None):
+        """The indices of :meth:`random_masking` without touching tokens: ``(ids_keep, mask, ids_restore)``."""
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
-        n, length, dim = x.shape
         len_keep = int(length * (1 - mask_ratio))
         if noise is None:
-            noise = torch.rand(n, length, device=x.device)
+            noise = torch.rand(n, length, device=device)
         elif noise.shape != (n, length):
             raise ValueError(f"noise must have shape {(n, length)}, got {tuple(noise.shape)}")
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
-        # expand is a view: the gather reads the kept rows without materialising an index copy
-        x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
-        mask = torch.ones(n, length, device=x.device)
-        mask[:, :len_keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)
-        return x_masked, mask, ids_restore
+        # a patch is removed when its rank in the shuffle is past len_keep (one comparison, no scatter)
+        mask = (ids_restore >= len_keep).float()
+        return ids_shuffle[:, :len_keep], mask, ids_restore
 
     # ------------------------------------------------------------- forward
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         x = self.patch_embed(imgs)
-        x = x + self.pos_embed[:, 1:, :]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        if self.encoder_mask_tokens:
+            # "with [M]": every patch stays, the removed ones become the encoder's mask token (before the
+            # position table is added, so the token still knows where it stands)
+            _, mask, ids_restore = self.masking_ids(x.shape[0], x.shape[1], mask_ratio, noise, x.device)
+            x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token, x)
+            x = x + self.pos_embed[:, 1:, :]
+        else:
+            x = x + self.pos_embed[:, 1:, :]
+            x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
+        ckpt = self.grad_ckpt and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x)
+            # non-reentrant checkpointing: works with torch.compile and with inputs that need no grad
+            x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, latent, ids_restore):
         x = self.decoder_embed(latent)
-        n, length = ids_restore.shape
-        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], patches], dim=1) + self.decoder_pos_embed
+        if not self.encoder_mask_tokens:
+            # put the encoded patches back in place, a shared mask token in every removed slot
+            n, length = ids_restore.shape
+            mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
+            patches = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+            patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+            x = torch.cat([x[:, :1, :], patches], dim=1)
+        x = x + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)

@@ -3,8 +3,8 @@
 Each ``make_*`` function writes into ``root`` (a temporary directory) and
 returns the directory to pass as ``--data_path``. Output is deterministic and
 takes well under a second. Classes are easy to learn: class k is bright in the
-k-th of ``num_classes`` vertical stripes (for two classes: left half versus
-right half) on a dark, noisy background, so short fine-tuning runs can be
+k-th of ``num_classes`` horizontal stripes (for two classes: top half versus
+bottom half; horizontal flips keep the class) on a dark, noisy background, so short fine-tuning runs can be
 checked to beat chance.
 """
 
@@ -23,9 +23,10 @@ def class_pattern(label: int, num_classes: int, size: int, rng, channels: int = 
     stripes = max(1, min(num_classes, size // 2))  # stripes at least 2 px wide
     stripe = label % stripes
     image = rng.normal(40, 15, size=(size, size, channels))
-    left = stripe * size // stripes
-    right = (stripe + 1) * size // stripes
-    image[:, left:right, :] += 170
+    # horizontal stripes: the class survives the horizontal flips of the training augmentations
+    top = stripe * size // stripes
+    bottom = (stripe + 1) * size // stripes
+    image[top:bottom, :, :] += 170
     if channels == 3 and num_classes > stripes:
         # More classes than stripes (CIFAR-100): tell them apart by tint too.
         image[:, :, (label // stripes) % 3] += 40

@@ -301,7 +301,9 @@ def resume_training(args, model, optimizer=None, updater=None) -> dict | None:
     print(f"resumed model from {path}")
     if optimizer is not None and "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
         optimizer.load_state_dict(checkpoint["optimizer"])
-        args.start_epoch = checkpoint["epoch"] + 1
+        # a mid-epoch checkpoint continues its epoch at the next step; an epoch-end one starts the next epoch
+        args.start_step = checkpoint.get("next_step", 0)
+        args.start_epoch = checkpoint["epoch"] + (0 if args.start_step else 1)
         if updater is not None and "scaler" in checkpoint:
             updater.load_state_dict(checkpoint["scaler"])
         rng = checkpoint.get("rng")
@@ -310,5 +312,6 @@ def resume_training(args, model, optimizer=None, updater=None) -> dict | None:
         elif rng:
             print(f"note: {path} was written by {len(rng)} processes, this run has "
                   f"{distributed.get_world_size()}: random streams restart from the seed")
-        print(f"resumed optimizer and scaler; continuing at epoch {args.start_epoch}")
+        print(f"resumed optimizer and scaler; continuing at epoch {args.start_epoch}"
+              + (f", step {args.start_step}" if args.start_step else ""))
     return checkpoint

@@ -79,6 +79,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
     g.add_argument("--save_freq", default=20, type=int, metavar="N",
                    help="keep checkpoint-EPOCH.pth every N epochs (checkpoint-last.pth is written every epoch)")
+    g.add_argument("--save_every_iters", default=0, type=int, metavar="N",
+                   help="also write checkpoint-last.pth every N iterations inside an epoch, so a preempted job "
+                        "loses at most N iterations (0: only at epoch ends)")
     g.add_argument("--print_freq", default=20, type=int, metavar="N", help="progress line every N iterations")
 
     g = parser.add_argument_group("device, precision, distributed")
@@ -109,3 +112,18 @@ def _one_line(error: Exception) -> str:
         last = [line for line in message.splitlines() if line.strip()][-1]
         message = last.split(": ", 1)[1] if ": " in last else last
     return message.strip()
+
+
+def add_classifier_args(parser: argparse.ArgumentParser, global_pool_default: bool) -> None:
+    """Flags shared by fine-tuning and linear probing."""
+    g = parser.add_argument_group("classifier")
+    g.add_argument("--finetune", default="", help="start from these pretrained weights (ours or the released files)")
+    g.add_argument("--global_pool", action="store_true", dest="global_pool",
+                   help="classify the mean of the patch tokens (after fc_norm)")
+    g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify the class token")
+    parser.set_defaults(global_pool=global_pool_default)
+    g.add_argument("--nb_classes", default=None, type=int,
+                   help="number of classes (default: the data set's)")
+    g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
+    g.add_argument("--dist_eval", action="store_true",
+                   help="shard evaluation over the processes (faster; pads the set to a multiple of them)")

@@ -7,13 +7,32 @@ from torch.utils.data import DataLoader, DistributedSampler
 from util import distributed
 
 
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start part-way into an epoch (resuming a mid-epoch checkpoint): the
+    epoch's order is the same as ever (seed + epoch); the first ``start_index`` samples are skipped."""
+
+    start_index = 0
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start_index = start_index
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start_index:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
 def build_loader(dataset, args, train: bool, shard_eval: bool = False) -> DataLoader:
     """Training: shuffled per epoch (``sampler.set_epoch``) from ``args.seed``, incomplete last batch dropped.
     Evaluation: in order; with ``shard_eval`` each rank sees a 1/world share (padded to equal length by the
     sampler, as the original's --dist_eval), else every rank sees everything."""
     world, rank = distributed.get_world_size(), distributed.get_rank()
-    if train or shard_eval:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=args.seed)
+    if train:
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    elif shard_eval:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
     else:
         sampler = torch.utils.data.SequentialSampler(dataset)
     if train and len(dataset) < args.batch_size * world:
@@ -32,3 +51,28 @@ def build_loader(dataset, args, train: bool, shard_eval: bool = False) -> DataLo
         drop_last=train,
         persistent_workers=False,
     )
+
+
+def build_classification_loaders(args, train_kind: str):
+    """Train and val loaders for fine-tuning / linear probing, and the number of classes.
+
+    ``args.nb_classes`` defaults to the data set's class count; a value smaller than the labels need is an error.
+    """
+    from util.cli import UsageError
+    from util.datasets import build_dataset, build_transform, dataset_info
+
+    dataset_train = build_dataset("train", args, build_transform(train_kind, args))
+    dataset_val = build_dataset("val", args, build_transform("eval", args))
+    found = dataset_info(args).num_classes or len(getattr(dataset_train, "classes", ())) or None
+    if args.nb_classes is None:
+        if not found:
+            raise UsageError("cannot tell the number of classes of this data set; pass --nb_classes")
+        args.nb_classes = found
+    elif found and args.nb_classes < found:
+        raise UsageError(f"--nb_classes {args.nb_classes} is smaller than the {found} classes of the data set")
+    print(f"{len(dataset_train)} training and {len(dataset_val)} validation images, {args.nb_classes} classes")
+    if args.dist_eval and len(dataset_val) % distributed.get_world_size():
+        print("warning: with --dist_eval the validation set is padded to a multiple of the number of processes, "
+              "so a few images count twice")
+    return (build_loader(dataset_train, args, train=True),
+            build_loader(dataset_val, args, train=False, shard_eval=args.dist_eval))

@@ -18,7 +18,11 @@ def adjust_learning_rate(optimizer, epoch: float, args) -> float:
     return lr
 
 
-def effective_lr(args, world_size: int) -> float:
-    """``--lr`` if given, else blr x effective batch / 256 (effective batch = batch x accum x world)."""
+def set_effective_lr(args, world_size: int) -> float:
+    """Set ``args.lr``: ``--lr`` if given, else blr x effective batch / 256 (effective batch = batch x accum x
+    world size), as the original recipe; print both."""
     eff_batch = args.batch_size * args.accum_iter * world_size
-    return args.lr if args.lr is not None else args.blr * eff_batch / 256
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    print(f"base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  effective batch size: {eff_batch}")
+    return args.lr

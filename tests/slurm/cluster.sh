@@ -13,27 +13,36 @@
 #   tests/slurm/cluster.sh status   # exit 0 when up (prints sinfo), 1 when down
 #   tests/slurm/cluster.sh env      # eval "$(tests/slurm/cluster.sh env)"
 #
-# Everything lives in ${MAE_SLURM_DIR:-/tmp/mae-slurm}:
-#   slurm.conf       -> point clients at it with SLURM_CONF=$MAE_SLURM_DIR/slurm.conf
-#   munge/           private munged (own key + socket; the system munged, if
-#                    any, is left alone; slurm finds ours through AuthInfo=socket=)
-#   state/ spool/    slurmctld StateSaveLocation / slurmd SlurmdSpoolDir
-#   log/             slurmctld.log slurmd.log munged.log
-#   run/             pid files
+# Everything lives in ${MAE_SLURM_DIR:-/tmp/mae-slurm} (the munge user must be
+# able to traverse its parents, so not under /root):
+#   slurm.conf     clients need SLURM_CONF=$MAE_SLURM_DIR/slurm.conf
+#   bin/sacct      sacct shim for submitit (see write_sacct_shim); clients put
+#                  $MAE_SLURM_DIR/bin first on PATH
+#   munge/         private munged: own key, socket and pid file (a system munged,
+#                  if any, is left alone; slurm finds ours via AuthInfo=socket=)
+#   state/ spool/  slurmctld StateSaveLocation / slurmd SlurmdSpoolDir
+#   log/           slurmctld.log slurmd.log munged.log jobcomp.log
+#   run/           slurmctld/slurmd pid files
 #
 # Knobs: MAE_SLURM_DIR, MAE_SLURM_CTLD_PORT (default 16817),
 #        MAE_SLURM_SLURMD_PORT (default 16818), MAE_SLURM_START_TIMEOUT (s, default 60).
 #
-# Behaviour worth knowing when writing tests against this cluster:
-#  * No accounting database: `sacct` fails ("accounting storage is disabled").
-#    submitit then warns "Bypassing sacct error" and falls back to the result
-#    pickle to decide that a job is done -- results still come back.
-#  * `scontrol requeue <id>` (which submitit uses on preemption/timeout) makes
-#    the job PENDING with BeginTime = now + ~120 s (hard-coded in slurmctld).
-#    Release it at once with `scontrol update JobId=<id> StartTime=now`.
-#  * `scancel --signal=USR2 <id>` signals the job steps (the srun-launched
-#    tasks) but not the batch shell; `--batch` signals only the batch shell,
-#    `--full` signals both.
+# Behaviour worth knowing when writing tests against this cluster (all checked
+# on Debian 12, slurm 22.05.8, submitit 1.5):
+#  * `scontrol requeue <id>` (what submitit does on USR2) makes the job PENDING
+#    (Reason=BeginTime) with EligibleTime = now + 121 s, hard-coded in
+#    slurmctld. Release it at once: `scontrol update JobId=<id> StartTime=now`.
+#    The rerun sees SLURM_RESTART_COUNT=1, 2, ... (unset on the first run).
+#  * `scancel --signal=USR2 <id>` signals every process of every job step (the
+#    srun-launched tasks AND their children) but not the batch shell. `--batch`
+#    signals only the batch shell, `--full` both; a batch shell without a trap
+#    (submitit's) dies of it and the job ends FAILED -- never use those two to
+#    "preempt" a submitit job.
+#  * submitit treats USR2 as a *timeout* (not a preemption) whenever
+#    timeout_min <= 10 (its threshold is min(0.8*T, T-10min)); each timeout
+#    uses up one of slurm_max_num_timeout (3) requeues.
+#  * No slurmdbd: plain sacct fails; the shim in bin/ answers from the
+#    jobcomp log instead, so submitit's job.state / failure detection work.
 set -euo pipefail
 
 D="${MAE_SLURM_DIR:-/tmp/mae-slurm}"
@@ -47,16 +56,21 @@ NODE="$(hostname -s)"
 log() { echo "cluster.sh: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-# pid from a pid file, only if that process is still alive. Zombies count as
-# dead: daemons are reparented to PID 1, which in some containers never reaps.
+# Is this pid a running process? Zombies count as dead: the daemons get
+# reparented to PID 1, which in some containers never reaps them.
+pid_alive() {
+    local state
+    [[ -n "$1" && -r "/proc/$1/stat" ]] || return 1
+    state="$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
+    [[ -n "$state" && "$state" != Z && "$state" != X ]]
+}
+
+# pid from a pid file, only if that process is still alive.
 live_pid() {
-    local f="$1" pid state
-    [[ -s "$f" ]] || return 1
-    pid="$(tr -dc 0-9 <"$f")"
-    [[ -n "$pid" && -r "/proc/$pid/stat" ]] || return 1
-    state="$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
-    [[ -n "$state" && "$state" != Z && "$state" != X ]] || return 1
-    echo "$pid"
+    local pid
+    [[ -s "$1" ]] || return 1
+    pid="$(tr -dc 0-9 <"$1")"
+    pid_alive "$pid" && echo "$pid"
 }
 
 daemons_up() {
@@ -180,8 +194,7 @@ start_munged() {
         --log-file="$D/log/munged.log" \
         --seed-file="$D/munge/munged.seed" ||
         { tail -n 20 "$D/log/munged.log" >&2; die "munged failed to start"; }
-    local i
-    for i in $(seq 50); do
+    for _ in $(seq 50); do
         munge -n --socket="$MUNGE_SOCKET" | unmunge --socket="$MUNGE_SOCKET" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
@@ -199,7 +212,7 @@ show_logs() {
 }
 
 cmd_start() {
-    if daemons_up && [[ "$(node_state)" =~ ^(idle|mixed|allocated|completing) ]]; then
+    if daemons_up && [[ "$(node_state)" =~ ^(idle|mixed|allocated|completing)$ ]]; then
         echo "slurm test cluster already up ($CONF)"
         return 0
     fi
@@ -216,15 +229,19 @@ cmd_start() {
 
     # -c: start from an empty job state (no jobs left over from an earlier run);
     # old job-completion records go too, so the sacct shim cannot report them.
-    [[ -f "$D/log/jobcomp.log" ]] && mv -f "$D/log/jobcomp.log" "$D/log/jobcomp.log.old"
+    if [[ -f "$D/log/jobcomp.log" ]]; then
+        mv -f "$D/log/jobcomp.log" "$D/log/jobcomp.log.old"
+    fi
     slurmctld -c -f "$CONF" || { show_logs; die "slurmctld failed to start"; }
     slurmd -f "$CONF" -N "$NODE" || { show_logs; die "slurmd failed to start"; }
 
-    local deadline=$((SECONDS + START_TIMEOUT)) st
+    # Wait for slurmd to register: "idle" (a trailing * would mean "not
+    # responding", so match exactly).
+    local deadline=$((SECONDS + START_TIMEOUT)) st="" ready=""
     while ((SECONDS < deadline)); do
         st="$(node_state)"
         case "$st" in
-        idle | mixed | allocated) break ;;
+        idle | mixed | allocated) ready=1 && break ;;
         down* | drain* | fail*)
             # e.g. a stale "DOWN" from an earlier run: ReturnToService=2
             # normally clears it, but do it explicitly.
@@ -233,22 +250,30 @@ cmd_start() {
         esac
         sleep 0.5
     done
-    if [[ ! "$st" =~ ^(idle|mixed|allocated) ]]; then
+    if [[ -z "$ready" ]]; then
         SLURM_CONF="$CONF" sinfo -N -l >&2 || true
         SLURM_CONF="$CONF" scontrol show node "$NODE" >&2 || true
         show_logs
         die "node $NODE not idle after ${START_TIMEOUT}s (state: '${st:-none}')"
+    fi
+    # "idle" is not enough: right after startup slurmctld does not schedule for
+    # a few seconds (jobs submitted then sit PENDING). Run one real job step,
+    # which also proves munge credentials and slurmstepd work end to end.
+    if ! SLURM_CONF="$CONF" timeout "$START_TIMEOUT" \
+        srun --quiet --job-name=mae-probe --ntasks=1 --time=1 true; then
+        show_logs
+        die "probe job 'srun true' failed or hung"
     fi
     echo "slurm test cluster up: node $NODE, partition debug ($CONF)"
 }
 
 # Stop a daemon by its pid file, SIGTERM first, SIGKILL after 10 s.
 stop_pid() {
-    local name="$1" pidfile="$2" pid i
+    local name="$1" pidfile="$2" pid
     pid="$(live_pid "$pidfile")" || return 0
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 100); do
-        live_pid "$pidfile" >/dev/null || return 0
+    for _ in $(seq 100); do
+        pid_alive "$pid" || return 0
         sleep 0.1
     done
     log "$name (pid $pid) did not exit on SIGTERM; killing it"

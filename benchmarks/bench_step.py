@@ -1,0 +1,344 @@
+"""Training-step benchmark: images/s, FLOPs per step, achieved FLOP/s and its fraction of a matmul peak.
+
+    python benchmarks/bench_step.py --model mae_vit_base_patch16 --batch_size 8 --device cpu
+    python benchmarks/bench_step.py --model mae_vit_base_patch16 --batch_size 8 --device cpu --compare_mask_tokens
+    python benchmarks/bench_step.py --model mae_vit_large_patch16 --batch_size 64 --device cuda --amp bf16 --compile
+
+One step is what the training programs do per iteration: forward (under autocast), backward, the gradient
+norm, the AdamW update and ``zero_grad``. The time is the median over ``--steps`` timed steps after
+``--warmup`` untimed ones (CUDA is synchronised before and after each timed step, never inside it). The
+FLOPs of one step are counted once, on the eager model, with ``torch.utils.flop_counter.FlopCounterMode``
+(matmuls, convolutions and attention; 2 FLOPs per multiply-add). The peak is a square matmul in the
+step's compute dtype, timed in the same process on the same device, so the fraction is comparable across
+machines.
+
+``--compare_mask_tokens`` also times the paper's "with [M]" baseline (the encoder sees every patch, removed
+ones replaced by a mask token) and prints MAE's speedup over it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flat layout: the repository root holds the modules
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
+
+from util.amp import AMP_CHOICES, GradientUpdater, autocast, resolve_amp  # noqa: E402
+from util.runtime import build_model  # noqa: E402
+
+aten = torch.ops.aten
+
+
+def _cpu_sdpa_flops(query, key, value, *args, **kwargs):
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, **kwargs):
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+_cpu_sdpa_flops._get_raw = True
+_cpu_sdpa_backward_flops._get_raw = True
+# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that SDPA dispatches to on
+# CPU; without these the attention FLOPs of a CPU step would silently count as zero.
+EXTRA_FLOP_FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("MAE training-step benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mae_vit_base_patch16",
+                   help="an mae_vit_* name; fine-tuning uses the vit_* twin (the name without 'mae_')")
+    p.add_argument("--batch_size", default=8, type=int)
+    p.add_argument("--input_size", default=224, type=int)
+    p.add_argument("--amp", default=None, choices=AMP_CHOICES,
+                   help="autocast dtype (default: bf16 on GPUs that support it, none on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (the optimizer stays eager)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mode", default="pretrain", choices=("pretrain", "finetune", "both"))
+    p.add_argument("--mask_ratio", default=0.75, type=float)
+    p.add_argument("--norm_pix_loss", action="store_true")
+    p.add_argument("--compare_mask_tokens", action="store_true",
+                   help="also time the 'with [M]' baseline (mask tokens through the encoder) and print the speedup")
+    p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of the encoder blocks")
+    p.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth of the fine-tuning model")
+    p.add_argument("--optimizer", default="auto", choices=("auto", "fused", "foreach", "forloop"),
+                   help="AdamW implementation (auto: fused where the device supports it)")
+    p.add_argument("--steps", default=5, type=int, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", default=2, type=int, help="untimed steps first (allocator, autotuning, compile)")
+    p.add_argument("--peak_sizes", default=None,
+                   help="comma-separated square matmul sizes for the peak (default: 2048,3072,4096 on CPU, "
+                        "4096,8192 on CUDA); the best median is the peak")
+    p.add_argument("--peak_reps", default=5, type=int)
+    p.add_argument("--threads", default=None, type=int, help="torch.set_num_threads (default: leave as is)")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ environment
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+        "fused_attn": bool(timm.layers.use_fused_attn()),
+    }
+    if hasattr(os, "getloadavg"):  # other processes on the machine change the numbers; say so
+        env["load_average_1min"] = os.getloadavg()[0]
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    return env
+
+
+def compute_dtype(amp: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- peak
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes, reps: int) -> dict:
+    """Median FLOP/s of a square ``n x n @ n x n`` matmul per size; the best size is the peak."""
+    per_size = {}
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        times = []
+        for i in range(reps + 1):  # the first is a warm-up
+            synchronize(device)
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            synchronize(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+        per_size[n] = 2 * n**3 / statistics.median(times)
+        del a, b
+    best = max(per_size, key=per_size.get)
+    return {"dtype": str(dtype).replace("torch.", ""), "flops_per_s_by_size": {str(k): v for k, v in per_size.items()},
+            "size": best, "flops_per_s": per_size[best], "reps": reps}
+
+
+# ---------------------------------------------------------------------------------------------- step
+def build(args, kind: str, device: torch.device):
+    """The model and a batch for one kind of step: pretrain, pretrain_mask_tokens or finetune."""
+    if kind == "finetune":
+        name = args.model[len("mae_"):] if args.model.startswith("mae_") else args.model
+        model = build_model(name, img_size=args.input_size, num_classes=1000, drop_path_rate=args.drop_path)
+        if args.grad_ckpt:
+            model.set_grad_checkpointing(True)
+    else:
+        name = args.model
+        kwargs = dict(img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+        if kind == "pretrain_mask_tokens":
+            kwargs["encoder_mask_tokens"] = True
+        if args.grad_ckpt:
+            kwargs["grad_ckpt"] = True
+        model = build_model(name, **kwargs)
+    model.to(device).train()
+    in_chans = getattr(model, "in_chans", 3)
+    imgs = torch.randn(args.batch_size, in_chans, args.input_size, args.input_size, device=device)
+    labels = torch.randint(0, 1000, (args.batch_size,), device=device)
+    return name, model, imgs, labels
+
+
+def make_optimizer(model, args, device):
+    from timm.optim import param_groups_weight_decay
+
+    nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=nwd)
+    impl = args.optimizer
+    if impl == "auto":
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        impl = "fused" if device.type in _get_fused_kernels_supported_devices() else "foreach"
+    flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "forloop": dict(foreach=False)}[impl]
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **flags), impl
+
+
+def make_step(kind, forward_module, imgs, labels, optimizer, updater, params, args, device):
+    """A closure doing one training step; it returns the loss tensor and reads nothing back to the host."""
+    def step():
+        with autocast(args.amp, device):
+            if kind == "finetune":
+                loss = F.cross_entropy(forward_module(imgs), labels)
+            else:
+                loss = forward_module(imgs, mask_ratio=args.mask_ratio)[0]
+        updater(loss, optimizer, params)
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def count_flops(step) -> int:
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def time_steps(step, device, warmup: int, steps: int):
+    losses = []
+    for _ in range(warmup):
+        losses.append(step())
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        losses.append(step())
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times, losses
+
+
+def bench_one(args, kind: str, device: torch.device, peak: float) -> dict:
+    torch.manual_seed(args.seed)
+    name, model, imgs, labels = build(args, kind, device)
+    optimizer, impl = make_optimizer(model, args, device)
+    updater = GradientUpdater(args.amp, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager = make_step(kind, model, imgs, labels, optimizer, updater, params, args, device)
+    flops = count_flops(eager)  # counted eagerly: the compiled step does the same arithmetic
+    forward_module = torch.compile(model) if args.compile else model
+    step = make_step(kind, forward_module, imgs, labels, optimizer, updater, params, args, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    step()  # the first call compiles; kept out of the warm-up count so --warmup means the same either way
+    first_step_s = time.perf_counter() - t0
+    times, losses = time_steps(step, device, args.warmup, args.steps)
+    final_loss = float(losses[-1])  # one read-back, after the timing
+    median = statistics.median(times)
+    result = {
+        "kind": kind,
+        "model": name,
+        "parameters": sum(p.numel() for p in params),
+        "optimizer": impl,
+        "first_step_s": first_step_s,
+        "step_times_s": times,
+        "step_time_s": median,
+        "images_per_s": args.batch_size / median,
+        "flops_per_step": flops,
+        "flops_per_image": flops / args.batch_size,
+        "flops_per_s": flops / median,
+        "fraction_of_peak": flops / median / peak,
+        "final_loss": final_loss,
+        "loss_finite": bool(torch.isfinite(torch.tensor(final_loss))),
+    }
+    if device.type == "cuda":
+        result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del model, optimizer, forward_module, step, eager
+    gc.collect()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- main
+LABELS = {"pretrain": "MAE pretrain", "pretrain_mask_tokens": "pretrain with [M]", "finetune": "fine-tune"}
+
+
+def format_table(report: dict) -> str:
+    peak = report["peak"]
+    args = report["args"]
+    lines = [
+        f"{report['device']} ({report['device_type']}), torch {report['torch']}, {report['threads']} threads, "
+        f"{report['date']}",
+        f"batch {args['batch_size']}, {args['input_size']} px, amp {args['amp']}, compile {args['compile']}, "
+        f"mask ratio {args['mask_ratio']}",
+        f"{'step':<20}{'model':<24}{'img/s':>9}{'ms/step':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}{'of peak':>9}",
+    ]
+    for r in report["runs"]:
+        lines.append(f"{LABELS[r['kind']]:<20}{r['model']:<24}{r['images_per_s']:>9.2f}{r['step_time_s'] * 1e3:>10.1f}"
+                     f"{r['flops_per_step'] / 1e9:>12.1f}{r['flops_per_s'] / 1e9:>10.1f}{r['fraction_of_peak']:>9.1%}")
+    by_size = ", ".join(f"{n}: {v / 1e9:.1f}" for n, v in peak["flops_per_s_by_size"].items())
+    lines.append(f"matmul peak ({peak['dtype']}, median of {peak['reps']}): {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
+                 f"at {peak['size']}x{peak['size']}  (GFLOP/s by size: {by_size})")
+    s = report.get("speedup_vs_mask_tokens")
+    if s:
+        lines.append(f"MAE speedup over 'with [M]': {s['wall_clock']:.2f}x wall clock, {s['flops']:.2f}x fewer FLOPs")
+    return "\n".join(lines)
+
+
+def main(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise SystemExit(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    args.amp = resolve_amp(args.amp, device)
+    if device.type == "cuda":  # as the training programs set it
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    report = environment(device)
+    report["args"] = dict(vars(args))
+    default_sizes = "4096,8192" if device.type == "cuda" else "2048,3072,4096"
+    sizes = [int(s) for s in (args.peak_sizes or default_sizes).split(",")]
+    report["peak"] = matmul_peak(device, compute_dtype(args.amp), sizes, args.peak_reps)
+    peak = report["peak"]["flops_per_s"]
+
+    kinds = []
+    if args.mode in ("pretrain", "both"):
+        kinds.append("pretrain")
+        if args.compare_mask_tokens:
+            kinds.append("pretrain_mask_tokens")
+    if args.mode in ("finetune", "both"):
+        kinds.append("finetune")
+    report["runs"] = [bench_one(args, kind, device, peak) for kind in kinds]
+
+    runs = {r["kind"]: r for r in report["runs"]}
+    if "pretrain" in runs and "pretrain_mask_tokens" in runs:
+        mae, with_m = runs["pretrain"], runs["pretrain_mask_tokens"]
+        report["speedup_vs_mask_tokens"] = {
+            "wall_clock": with_m["step_time_s"] / mae["step_time_s"],
+            "flops": with_m["flops_per_step"] / mae["flops_per_step"],
+        }
+    print(format_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,133 @@
+"""Fine-tuning a pretrained MAE encoder as a classifier (end to end, or only its last blocks).
+
+    python main_finetune.py --model vit_base_patch16 --finetune mae_pretrain_vit_base.pth --data_path DIR \
+        --batch_size 32 --accum_iter 4 --blr 5e-4 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 \
+        --reprob 0.25 --mixup 0.8 --cutmix 1.0 --epochs 100 --dist_eval
+    python main_finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_base_patch16 --data_path DIR
+
+Reads top to bottom: arguments, setup (distributed, data, model, optimizer, resume), the epoch loop.
+"""
+from __future__ import annotations
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay
+
+from engine import evaluate, fit
+from util import distributed
+from util.amp import GradientUpdater
+from util.checkpoint import load_pretrained, resume_training
+from util.cli import Parser, UsageError, add_classifier_args, add_common_args, run
+from util.datasets import dataset_info
+from util.loader import build_classification_loaders
+from util.logger import tensorboard_writer
+from util.lr_sched import set_effective_lr
+from util.runtime import build_model, count_parameters, setup_run, wrap_model
+
+
+def get_args_parser():
+    parser = Parser("MAE fine-tuning for image classification", add_help=True)
+    add_common_args(parser)
+    add_classifier_args(parser, global_pool_default=True)
+    g = parser.add_argument_group("fine-tuning")
+    g.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
+    g.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: none)")
+    g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
+    g.add_argument("--trainable_blocks", type=int, default=None, metavar="K",
+                   help="partial fine-tuning: train only the last K blocks, the final norm and the head")
+    g = parser.add_argument_group("augmentation")
+    g.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
+                   help="color jitter factor (used only without --aa)")
+    g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
+                   help='AutoAugment policy, e.g. "rand-m9-mstd0.5-inc1"; "none" to disable')
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erase probability")
+    g.add_argument("--remode", type=str, default="pixel", help="random erase mode")
+    g.add_argument("--recount", type=int, default=1, help="random erase count")
+    g.add_argument("--resplit", action="store_true", default=False, help="ignored; kept for the original command lines")
+    g.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0")
+    g.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0")
+    g.add_argument("--cutmix_minmax", type=float, nargs="+", default=None, help="cutmix min/max ratio (overrides alpha)")
+    g.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
+    g.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of cutmix instead of mixup")
+    g.add_argument("--mixup_mode", type=str, default="batch", choices=("batch", "pair", "elem"))
+    parser.set_defaults(model="vit_large_patch16", epochs=50, blr=1e-3, min_lr=1e-6, warmup_epochs=5,
+                        weight_decay=0.05)
+    return parser
+
+
+def freeze_all_but_last_blocks(model, k):
+    """Partial fine-tuning: only the last ``k`` blocks, the norms after them and the head learn.
+    Returns the frozen modules, which also stay in eval mode (no drop path in them)."""
+    if not 0 <= k <= len(model.blocks):
+        raise UsageError(f"--trainable_blocks must be between 0 and {len(model.blocks)}, got {k}")
+    first_trained = len(model.blocks) - k
+    frozen = [model.patch_embed, *model.blocks[:first_trained]]
+    for module in frozen:
+        module.requires_grad_(False)
+    model.cls_token.requires_grad_(False)
+    model.pos_embed.requires_grad_(False)
+    return frozen
+
+
+def classification_loss(mixup_fn, criterion):
+    def loss_fn(model, samples, targets):
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        return criterion(model(samples), targets)
+    return loss_fn
+
+
+def main(args):
+    if args.eval and not args.resume:
+        raise UsageError("--eval evaluates the checkpoint given with --resume")
+    device = setup_run(args)
+
+    # data
+    data_loader_train, data_loader_val = build_classification_loaders(args, "finetune")
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        if args.batch_size % 2:
+            raise UsageError(f"mixup/cutmix mixes pairs of images: --batch_size must be even, got {args.batch_size}")
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+        print("mixup/cutmix on")
+
+    # model
+    model = build_model(args.model, img_size=args.input_size, in_chans=dataset_info(args).in_chans,
+                        num_classes=args.nb_classes, drop_path_rate=args.drop_path, global_pool=args.global_pool)
+    if args.finetune and not args.eval:
+        load_pretrained(model, args.finetune, head_init_std=2e-5)
+    frozen = freeze_all_but_last_blocks(model, args.trainable_blocks) if args.trainable_blocks is not None else ()
+    print(f"model {args.model}: {count_parameters(model) / 1e6:.2f}M trainable parameters")
+    model_ddp = wrap_model(model, args, device)
+
+    # optimizer: AdamW with layer-wise lr decay; no weight decay for 1-D params, position table and tokens
+    set_effective_lr(args, distributed.get_world_size())
+    param_groups = param_groups_layer_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                            layer_decay=args.layer_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, fused=device.type == "cuda")
+    updater = GradientUpdater(args.amp, device)
+    if mixup_fn is not None:
+        criterion = SoftTargetCrossEntropy()  # the smoothing is in the mixed targets
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    checkpoint = resume_training(args, model, optimizer, updater)
+
+    if args.eval:
+        evaluate(data_loader_val, model_ddp, device, args)
+        return
+
+    # the loop
+    fit(args, model, model_ddp, classification_loss(mixup_fn, criterion), data_loader_train, optimizer, updater,
+        device, data_loader_val=data_loader_val, clip_grad=args.clip_grad, frozen_modules=frozen,
+        log_writer=tensorboard_writer(args.log_dir), max_accuracy=(checkpoint or {}).get("max_accuracy", 0.0))
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser().parse_args())

@@ -1,0 +1,87 @@
+"""Linear probing: a linear classifier on the frozen features of a pretrained MAE encoder.
+
+    python main_linprobe.py --model vit_base_patch16 --cls_token --finetune mae_pretrain_vit_base.pth \
+        --data_path DIR --batch_size 512 --accum_iter 4 --blr 0.1 --weight_decay 0.0 --epochs 90 --dist_eval
+
+The head is BatchNorm1d (no affine, eps 1e-6) + Linear, trained with LARS; the encoder stays frozen and in eval
+mode. Reads top to bottom: arguments, setup (distributed, data, model, optimizer, resume), the epoch loop.
+"""
+from __future__ import annotations
+
+import torch
+from timm.optim import Lars
+
+from engine import evaluate, fit
+from util import distributed
+from util.amp import GradientUpdater
+from util.checkpoint import load_pretrained, resume_training
+from util.cli import Parser, UsageError, add_classifier_args, add_common_args, run
+from util.datasets import dataset_info
+from util.loader import build_classification_loaders
+from util.logger import tensorboard_writer
+from util.lr_sched import set_effective_lr
+from util.runtime import build_model, count_parameters, setup_run, wrap_model
+
+
+def get_args_parser():
+    parser = Parser("MAE linear probing for image classification", add_help=True)
+    add_common_args(parser)
+    add_classifier_args(parser, global_pool_default=False)
+    parser.set_defaults(model="vit_large_patch16", batch_size=512, epochs=90, blr=0.1, weight_decay=0.0, min_lr=0.0,
+                        warmup_epochs=10)
+    return parser
+
+
+def lars_param_groups(head, weight_decay):
+    """The original LARS rule: weights are decayed and trust-ratio adapted (even with no weight decay);
+    biases and other 1-D parameters are neither. timm's Lars adapts per group with ``always_adapt``."""
+    matrices = [p for p in head.parameters() if p.requires_grad and p.ndim > 1]
+    vectors = [p for p in head.parameters() if p.requires_grad and p.ndim <= 1]
+    return [dict(params=matrices, weight_decay=weight_decay, always_adapt=True),
+            dict(params=vectors, weight_decay=0.0, always_adapt=False)]
+
+
+def main(args):
+    if args.eval and not args.resume:
+        raise UsageError("--eval evaluates the checkpoint given with --resume")
+    device = setup_run(args)
+
+    # data
+    data_loader_train, data_loader_val = build_classification_loaders(args, "linprobe")
+
+    # model: pretrained encoder, frozen; new head = BatchNorm (no affine) + Linear
+    model = build_model(args.model, img_size=args.input_size, in_chans=dataset_info(args).in_chans,
+                        num_classes=args.nb_classes, global_pool=args.global_pool)
+    if args.finetune and not args.eval:
+        load_pretrained(model, args.finetune, head_init_std=0.01)
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    # Only the head learns. With --global_pool the patch-token mean passes through fc_norm, a LayerNorm left at
+    # its initial affine (1, 0) as in the original: the BatchNorm right after it cancels any per-feature scale
+    # and shift, so training that affine would get exactly zero gradient.
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
+    frozen = [module for module in model.children() if module is not model.head]
+    print(f"model {args.model}: {count_parameters(model) / 1e6:.3f}M trainable parameters "
+          f"(of {count_parameters(model, trainable_only=False) / 1e6:.1f}M)")
+    model_ddp = wrap_model(model, args, device)
+
+    # optimizer: LARS on the trained parts
+    set_effective_lr(args, distributed.get_world_size())
+    param_groups = lars_param_groups(model.head, args.weight_decay)
+    optimizer = Lars(param_groups, lr=args.lr, momentum=0.9, trust_coeff=0.001, eps=0.0)
+    updater = GradientUpdater(args.amp, device)
+    checkpoint = resume_training(args, model, optimizer, updater)
+
+    if args.eval:
+        evaluate(data_loader_val, model_ddp, device, args)
+        return
+
+    # the loop
+    fit(args, model, model_ddp, lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y), data_loader_train,
+        optimizer, updater, device, data_loader_val=data_loader_val, frozen_modules=frozen,
+        log_writer=tensorboard_writer(args.log_dir), max_accuracy=(checkpoint or {}).get("max_accuracy", 0.0))
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser().parse_args())

@@ -1,0 +1,181 @@
+"""Reconstructions of a pretrained masked autoencoder on your own images, for one or several mask ratios.
+
+    python visualize.py --checkpoint output_dir/checkpoint-last.pth --images photos/ --output recon.png
+    python visualize.py --checkpoint mae_visualize_vit_large.pth --model mae_vit_large_patch16 \\
+        --images cat.jpg dog.png --mask_ratio 0.5 0.75 0.9
+    python visualize.py --checkpoint mae_pretrain_vit_base_full.pth --model mae_vit_base_patch16 \\
+        --norm_pix_loss --images photos/
+
+Model, input size, norm_pix_loss and dataset (for the mean/std) come from the checkpoint's training
+arguments when it has them (checkpoints of main_pretrain.py do); flags given on the command line win. The
+original's released files carry none: pass ``--model`` (and ``--norm_pix_loss`` for the ``*_full.pth``
+files, whose decoder predicts per-patch normalised pixels; the ``mae_visualize_*`` files predict pixels).
+
+Every mask ratio uses the same masking noise, so a sweep removes more and more patches of one ordering.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from util.checkpoint import CheckpointError, load_checkpoint_file, load_pretrained, model_state_dict
+from util.cli import Parser, UsageError, default_device, run
+from util.datasets import DATASETS, dataset_info, load_rgb_image
+from util.runtime import build_model
+from util.visualize import (NORM_PIX_NOTE, fixed_noise, reconstruct, reconstruction_panel, render_figure,
+                            save_png)
+
+DEFAULT_INPUT_SIZE = 224
+# the extensions Pillow can open, for picking images out of a directory
+IMAGE_EXTENSIONS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+
+
+def get_args_parser():
+    parser = Parser("MAE reconstructions of images", add_help=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint with the decoder: main_pretrain.py's, or a released "
+                             "mae_visualize_*.pth / *_full.pth")
+    parser.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                        help="image files and/or directories (every image directly inside, sorted by name)")
+    parser.add_argument("--mask_ratio", nargs="+", type=float, default=[0.75], metavar="R",
+                        help="one or several ratios in [0, 1): a block of rows per ratio")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the masking noise")
+    parser.add_argument("--output", default="reconstruction.png", help="the PNG to write")
+    parser.add_argument("--max_images", type=int, default=16, help="draw at most this many images (0: all)")
+    g = parser.add_argument_group("model (default: from the checkpoint's training arguments)")
+    g.add_argument("--model", default=None, help="mae_vit_* name; required for files without training arguments")
+    g.add_argument("--input_size", type=int, default=None, help=f"image size (default {DEFAULT_INPUT_SIZE})")
+    g.add_argument("--norm_pix_loss", action="store_true", default=None,
+                   help="the decoder predicts per-patch normalised pixels (the released *_full.pth files)")
+    g.add_argument("--no_norm_pix_loss", action="store_false", dest="norm_pix_loss",
+                   help="the decoder predicts pixels (the released mae_visualize_*.pth files)")
+    parser.set_defaults(norm_pix_loss=None)  # None: not given, take the checkpoint's
+    g.add_argument("--dataset", default=None, choices=DATASETS,
+                   help="whose mean/std normalise the images (fashion_mnist: grey; others: ImageNet's)")
+    g.add_argument("--device", default=default_device())
+    return parser
+
+
+def saved_training_args(checkpoint: dict) -> dict:
+    """The checkpoint's training arguments as a dict (ours: a dict; the original's: a Namespace); {} if none."""
+    saved = checkpoint.get("args")
+    if isinstance(saved, argparse.Namespace):
+        saved = vars(saved)
+    return saved if isinstance(saved, dict) else {}
+
+
+def resolve_setting(name, flag_value, saved: dict, default):
+    """A flag given on the command line, else the checkpoint's value, else ``default``."""
+    if flag_value is not None:
+        if saved.get(name) is not None and saved[name] != flag_value:
+            print(f"note: --{name} {flag_value} overrides the checkpoint's {saved[name]}")
+        return flag_value
+    return saved[name] if saved.get(name) is not None else default
+
+
+def collect_image_paths(specs, max_images: int = 0) -> list:
+    paths = []
+    for spec in specs:
+        if os.path.isdir(spec):
+            found = sorted(os.path.join(spec, name) for name in os.listdir(spec)
+                           if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(spec, name)))
+            if not found:
+                folders = sorted(n for n in os.listdir(spec) if os.path.isdir(os.path.join(spec, n)))
+                hint = f"; it has sub-folders: pass those, e.g. {os.path.join(spec, folders[0])}" if folders else ""
+                raise UsageError(f"no images found in {spec} (looked for .jpg, .png, ... files directly inside){hint}")
+            paths += found
+        elif os.path.isfile(spec):
+            paths.append(spec)
+        else:
+            raise UsageError(f"image {spec} does not exist")
+    if max_images and len(paths) > max_images:
+        print(f"note: drawing the first {max_images} of {len(paths)} images (--max_images)")
+        paths = paths[:max_images]
+    return paths
+
+
+def load_images(paths, input_size: int, in_chans: int, mean, std) -> torch.Tensor:
+    """Shorter side resized to ``input_size``, centre crop, the model's channel count, normalised."""
+    transform = transforms.Compose([
+        transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+    images = []
+    for path in paths:
+        image = load_rgb_image(path)  # a broken file becomes a DataError naming it
+        images.append(transform(image.convert("L") if in_chans == 1 else image))
+    return torch.stack(images)
+
+
+def main(args):
+    for ratio in args.mask_ratio:
+        if not 0.0 <= ratio < 1.0:
+            raise UsageError(f"--mask_ratio must be in [0, 1), got {ratio}")
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    paths = collect_image_paths(args.images, args.max_images)  # before the (slow) checkpoint load
+
+    checkpoint = load_checkpoint_file(args.checkpoint)
+    state = model_state_dict(checkpoint, args.checkpoint)
+    if not any(key.startswith("decoder_") for key in state):
+        raise CheckpointError(
+            f"{args.checkpoint} has no decoder weights (an encoder-only pretraining file such as "
+            f"mae_pretrain_vit_base.pth, or a fine-tuned classifier); reconstructions need the decoder: use a "
+            f"checkpoint of main_pretrain.py or a released mae_visualize_vit_*.pth / *_full.pth")
+    saved = saved_training_args(checkpoint)
+    model_name = resolve_setting("model", args.model, saved, None)
+    if not model_name:
+        raise UsageError(f"{args.checkpoint} holds no training arguments naming its model; pass --model "
+                         f"(e.g. --model mae_vit_large_patch16 for mae_visualize_vit_large.pth)")
+    if not str(model_name).startswith("mae_"):
+        raise UsageError(f"reconstructions need a masked autoencoder (mae_vit_*), not {model_name}")
+    input_size = int(resolve_setting("input_size", args.input_size, saved, DEFAULT_INPUT_SIZE))
+    norm_pix = bool(resolve_setting("norm_pix_loss", args.norm_pix_loss, saved, False))
+    dataset = resolve_setting("dataset", args.dataset, saved, "imagefolder")
+    info = dataset_info(argparse.Namespace(dataset=dataset))
+    # the weights know their channel count; the dataset only supplies statistics to match it
+    patch_weight = state.get("patch_embed.proj.weight")
+    in_chans = patch_weight.shape[1] if patch_weight is not None else info.in_chans
+    if len(info.mean) != in_chans:
+        raise UsageError(f"{args.checkpoint} expects {in_chans}-channel images but --dataset {dataset} has "
+                         f"{len(info.mean)}-channel statistics; pass --dataset "
+                         f"{'fashion_mnist' if in_chans == 1 else 'imagefolder'}")
+    if saved.get("norm_pix_loss") is None and args.norm_pix_loss is None:
+        print("note: the checkpoint does not say whether it used norm_pix_loss; assuming pixel targets "
+              "(pass --norm_pix_loss for norm_pix models such as the released *_full.pth)")
+    print(f"model {model_name}, {input_size} px, {in_chans} channel(s), norm_pix_loss {norm_pix}, "
+          f"{dataset} mean/std")
+
+    model = build_model(model_name, img_size=input_size, in_chans=in_chans, norm_pix_loss=norm_pix)
+    load_pretrained(model, args.checkpoint, log=print)
+    model.to(args.device)
+
+    images = load_images(paths, input_size, in_chans, info.mean, info.std)
+    noise = fixed_noise(len(images), model.patch_embed.num_patches, args.seed)
+    panels = []
+    for ratio in args.mask_ratio:
+        rec = reconstruct(model, images, noise, ratio)
+        title = (f"mask ratio {ratio:g}: {rec.num_removed} of {rec.num_patches} patches removed (grey), "
+                 f"loss {rec.loss:.4f}")
+        panels.append(reconstruction_panel(rec, images, info.mean, info.std, title))
+    epoch = checkpoint.get("epoch")
+    parts = [f"{os.path.basename(args.checkpoint)} ({model_name}"
+             f"{f', epoch {epoch}' if isinstance(epoch, int) else ''}), {len(images)} image(s)",
+             f"masking noise seed {args.seed}" + (", the same for every ratio" if len(args.mask_ratio) > 1 else ""),
+             "last column: visible patches are the input pixels"]
+    if norm_pix:
+        parts.append(NORM_PIX_NOTE)
+    caption = "; ".join(parts)
+    figure = render_figure(caption, panels)
+    save_png(figure.image, args.output)
+    print(f"wrote {args.output} ({figure.image.shape[1]}x{figure.image.shape[0]} px)")
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser().parse_args())
