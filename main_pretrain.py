@@ -8,6 +8,8 @@ Reads top to bottom: arguments, setup (distributed, data, model, optimizer, resu
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from timm.optim import param_groups_weight_decay
 
@@ -20,6 +22,7 @@ from util.datasets import build_dataset, build_transform, dataset_info
 from util.loader import build_loader
 from util.logger import tensorboard_writer
 from util.lr_sched import set_effective_lr
+from util.visualize import build_reconstruction_logger, plot_loss_curve
 from util.runtime import build_model, count_parameters, setup_run, wrap_model
 
 
@@ -30,6 +33,9 @@ def get_args_parser():
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed, in [0, 1)")
     g.add_argument("--norm_pix_loss", action="store_true",
                    help="regress each patch's pixels normalised by its own mean and std (the released models')")
+    g.add_argument("--vis_freq", default=20, type=int,
+                   help="reconstruction figure of fixed held-out images every N epochs and at the end (0: never)")
+    g.add_argument("--vis_images", default=8, type=int, help="held-out images in the reconstruction figure")
     parser.set_defaults(model="mae_vit_large_patch16", epochs=400, blr=1e-3, warmup_epochs=40,
                         weight_decay=0.05, min_lr=0.0)
     return parser
@@ -65,9 +71,19 @@ def main(args):
     updater = GradientUpdater(args.amp, device)
     resume_training(args, model, optimizer, updater)
 
+    log_writer = tensorboard_writer(args.log_dir)
+    reconstructions = build_reconstruction_logger(args, num_images=args.vis_images) if args.vis_freq else None
+
+    def on_epoch_end(epoch):
+        last = epoch + 1 == args.epochs
+        if reconstructions is not None and (epoch % args.vis_freq == 0 or last):
+            reconstructions(model, epoch, args.output_dir, log_writer)  # the unwrapped model
+        if last and args.output_dir and distributed.is_main_process():
+            plot_loss_curve(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "loss_curve.png"))
+
     # the loop
     fit(args, model, model_ddp, pretrain_loss(args.mask_ratio), data_loader_train, optimizer, updater, device,
-        log_writer=tensorboard_writer(args.log_dir))
+        log_writer=log_writer, on_epoch_end=on_epoch_end)
     distributed.destroy()
 
 

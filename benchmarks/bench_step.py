@@ -136,25 +136,52 @@ def compute_dtype(amp: str) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- peak
-def matmul_peak(device: torch.device, dtype: torch.dtype, sizes, reps: int) -> dict:
-    """Median FLOP/s of a square ``n x n @ n x n`` matmul per size; the best size is the peak."""
-    per_size = {}
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        times = []
-        for i in range(reps + 1):  # the first is a warm-up
-            synchronize(device)
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            synchronize(device)
-            if i:
-                times.append(time.perf_counter() - t0)
-        per_size[n] = 2 * n**3 / statistics.median(times)
-        del a, b
-    best = max(per_size, key=per_size.get)
-    return {"dtype": str(dtype).replace("torch.", ""), "flops_per_s_by_size": {str(k): v for k, v in per_size.items()},
-            "size": best, "flops_per_s": per_size[best], "reps": reps}
+class MatmulPeak:
+    """The dense-matmul peak: a square ``n x n @ n x n`` matmul in the step's compute dtype.
+
+    ``sweep`` times each candidate size (median of ``reps``) and keeps the fastest; ``probe`` times one more
+    matmul of that size. The benchmark probes after every timed step, so each step is compared with the
+    peak measured seconds apart: on a shared machine the load changes from minute to minute, and a peak
+    taken only at the start would turn that drift into a wrong fraction.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.by_size, self.samples, self.size = {}, [], None
+
+    def _time_one(self, a, b) -> float:
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def _operands(self, n):
+        return (torch.randn(n, n, device=self.device, dtype=self.dtype),
+                torch.randn(n, n, device=self.device, dtype=self.dtype))
+
+    def sweep(self, sizes, reps: int) -> None:
+        for n in sizes:
+            a, b = self._operands(n)
+            self._time_one(a, b)  # warm-up
+            self.by_size[n] = 2 * n**3 / statistics.median(self._time_one(a, b) for _ in range(reps))
+        self.size = max(self.by_size, key=self.by_size.get)
+        self.samples.append(self.by_size[self.size])
+        self._a, self._b = self._operands(self.size)
+
+    def probe(self) -> float:
+        flops_per_s = 2 * self.size**3 / self._time_one(self._a, self._b)
+        self.samples.append(flops_per_s)
+        return flops_per_s
+
+    @property
+    def flops_per_s(self) -> float:
+        return statistics.median(self.samples)
+
+    def report(self, reps: int) -> dict:
+        return {"dtype": str(self.dtype).replace("torch.", ""), "size": self.size, "flops_per_s": self.flops_per_s,
+                "flops_per_s_by_size": {str(k): v for k, v in self.by_size.items()}, "reps": reps,
+                "probes": len(self.samples) - 1}
 
 
 # ---------------------------------------------------------------------------------------------- step
@@ -214,21 +241,21 @@ def count_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def time_steps(step, device, warmup: int, steps: int):
-    losses = []
-    for _ in range(warmup):
-        losses.append(step())
-    times = []
+def time_steps(step, device, warmup: int, steps: int, peak: MatmulPeak):
+    """Per timed step: its wall time and the matmul peak probed right after it."""
+    losses = [step() for _ in range(warmup)]
+    times, peaks = [], []
     for _ in range(steps):
         synchronize(device)
         t0 = time.perf_counter()
         losses.append(step())
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    return times, losses
+        peaks.append(peak.probe())
+    return times, peaks, losses
 
 
-def bench_one(args, kind: str, device: torch.device, peak: float) -> dict:
+def bench_one(args, kind: str, device: torch.device, peak: MatmulPeak) -> dict:
     torch.manual_seed(args.seed)
     name, model, imgs, labels = build(args, kind, device)
     optimizer, impl = make_optimizer(model, args, device)
@@ -243,9 +270,11 @@ def bench_one(args, kind: str, device: torch.device, peak: float) -> dict:
     t0 = time.perf_counter()
     step()  # the first call compiles; kept out of the warm-up count so --warmup means the same either way
     first_step_s = time.perf_counter() - t0
-    times, losses = time_steps(step, device, args.warmup, args.steps)
+    times, peaks, losses = time_steps(step, device, args.warmup, args.steps, peak)
     final_loss = float(losses[-1])  # one read-back, after the timing
     median = statistics.median(times)
+    # each step against the peak probed next to it, then the median: robust to a load that drifts
+    fraction = statistics.median(flops / t / p for t, p in zip(times, peaks))
     result = {
         "kind": kind,
         "model": name,
@@ -258,7 +287,8 @@ def bench_one(args, kind: str, device: torch.device, peak: float) -> dict:
         "flops_per_step": flops,
         "flops_per_image": flops / args.batch_size,
         "flops_per_s": flops / median,
-        "fraction_of_peak": flops / median / peak,
+        "peak_flops_per_s": statistics.median(peaks),
+        "fraction_of_peak": fraction,
         "final_loss": final_loss,
         "loss_finite": bool(torch.isfinite(torch.tensor(final_loss))),
     }
@@ -287,11 +317,14 @@ def format_table(report: dict) -> str:
         lines.append(f"{LABELS[r['kind']]:<20}{r['model']:<24}{r['images_per_s']:>9.2f}{r['step_time_s'] * 1e3:>10.1f}"
                      f"{r['flops_per_step'] / 1e9:>12.1f}{r['flops_per_s'] / 1e9:>10.1f}{r['fraction_of_peak']:>9.1%}")
     by_size = ", ".join(f"{n}: {v / 1e9:.1f}" for n, v in peak["flops_per_s_by_size"].items())
-    lines.append(f"matmul peak ({peak['dtype']}, median of {peak['reps']}): {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
-                 f"at {peak['size']}x{peak['size']}  (GFLOP/s by size: {by_size})")
+    lines.append(f"matmul peak ({peak['dtype']}, {peak['size']}x{peak['size']}, median of the sweep and "
+                 f"{peak['probes']} probes between steps): {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
+                 f"(sweep, median of {peak['reps']}, GFLOP/s by size: {by_size})")
+    lines.append("'of peak' is the median over steps of the step's FLOP/s over the peak probed right after it")
     s = report.get("speedup_vs_mask_tokens")
     if s:
-        lines.append(f"MAE speedup over 'with [M]': {s['wall_clock']:.2f}x wall clock, {s['flops']:.2f}x fewer FLOPs")
+        lines.append(f"MAE speedup over 'with [M]': {s['wall_clock']:.2f}x wall clock ({s['peak_normalised']:.2f}x "
+                     f"normalised by the probed peak), {s['flops']:.2f}x fewer FLOPs")
     return "\n".join(lines)
 
 
@@ -313,8 +346,8 @@ def main(args) -> dict:
     report["args"] = dict(vars(args))
     default_sizes = "4096,8192" if device.type == "cuda" else "2048,3072,4096"
     sizes = [int(s) for s in (args.peak_sizes or default_sizes).split(",")]
-    report["peak"] = matmul_peak(device, compute_dtype(args.amp), sizes, args.peak_reps)
-    peak = report["peak"]["flops_per_s"]
+    peak = MatmulPeak(device, compute_dtype(args.amp))
+    peak.sweep(sizes, args.peak_reps)
 
     kinds = []
     if args.mode in ("pretrain", "both"):
@@ -324,6 +357,7 @@ def main(args) -> dict:
     if args.mode in ("finetune", "both"):
         kinds.append("finetune")
     report["runs"] = [bench_one(args, kind, device, peak) for kind in kinds]
+    report["peak"] = peak.report(args.peak_reps)
 
     runs = {r["kind"]: r for r in report["runs"]}
     if "pretrain" in runs and "pretrain_mask_tokens" in runs:
@@ -331,6 +365,9 @@ def main(args) -> dict:
         report["speedup_vs_mask_tokens"] = {
             "wall_clock": with_m["step_time_s"] / mae["step_time_s"],
             "flops": with_m["flops_per_step"] / mae["flops_per_step"],
+            # the same, each step time in units of the matmul probed beside it (load drift cancels)
+            "peak_normalised": (with_m["step_time_s"] * with_m["peak_flops_per_s"])
+                               / (mae["step_time_s"] * mae["peak_flops_per_s"]),
         }
     print(format_table(report))
     if args.json:

@@ -65,6 +65,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train_list", default=None, help="filelist: list of training images (default DATA_PATH/train.txt)")
     g.add_argument("--val_list", default=None, help="filelist: list of validation images (default DATA_PATH/val.txt)")
     g.add_argument("--download", action="store_true", help="download cifar10/100 or fashion_mnist when online")
+    g.add_argument("--max_train_images", default=0, type=int, metavar="N",
+                   help="train on the first N images of the training split only (0: all); for quick runs")
     g.add_argument("--num_workers", default=10, type=int)
     g.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
