@@ -202,12 +202,16 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_decoder(self, latent, ids_restore):
         x = self.decoder_embed(latent)
         if not self.encoder_mask_tokens:
-            # put the encoded patches back in place, a shared mask token in every removed slot
+            # put the encoded patches back in place, the shared mask token in every removed slot: one gather
+            # from [cls, kept..., mask token] (N, len_keep + 2, D) straight into (N, L + 1, D), instead of
+            # materialising the mask tokens, a shuffled copy and a concatenation at full length
             n, length = ids_restore.shape
-            mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
-            patches = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-            patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-            x = torch.cat([x[:, :1, :], patches], dim=1)
+            len_keep = x.shape[1] - 1
+            src = torch.cat([x, self.mask_token.expand(n, 1, -1)], dim=1)
+            # slot of each patch in src: kept patches at 1 + their rank, removed ones at the mask token
+            slot = torch.where(ids_restore < len_keep, ids_restore + 1, len_keep + 1)
+            slot = torch.cat([slot.new_zeros(n, 1), slot], dim=1)  # the cls token stays first
+            x = torch.gather(src, 1, slot.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = x + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
@@ -298,6 +302,15 @@ def mae_vit_tiny_patch4(pretrained=False, **kwargs):
     """ViT-Tiny with 4-px patches for 28-32 px images (64 patches at 32 px, 49 at 28 px)."""
     defaults = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
                     decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3)
+    return _create(pretrained, defaults, **kwargs)
+
+
+@register_model
+def mae_vit_micro_patch4(pretrained=False, **kwargs):
+    """The demo's model: 96-d x 4 blocks x 3 heads, 4-px patches at 28 px (Fashion-MNIST), 64-d 1-block decoder.
+    Small enough to pretrain for several epochs of Fashion-MNIST on 2 CPU cores in minutes."""
+    defaults = dict(img_size=28, in_chans=1, patch_size=4, embed_dim=96, depth=4, num_heads=3,
+                    decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2)
     return _create(pretrained, defaults, **kwargs)
 
 
