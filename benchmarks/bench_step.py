@@ -270,7 +270,10 @@ def bench_one(args, kind: str, device: torch.device, peak: MatmulPeak) -> dict:
     t0 = time.perf_counter()
     step()  # the first call compiles; kept out of the warm-up count so --warmup means the same either way
     first_step_s = time.perf_counter() - t0
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     times, peaks, losses = time_steps(step, device, args.warmup, args.steps, peak)
+    # CPU seconds this process got per wall second per thread: well below 1, other work shared the cores
+    cpu_share = (time.process_time() - cpu0) / (time.perf_counter() - wall0) / torch.get_num_threads()
     final_loss = float(losses[-1])  # one read-back, after the timing
     median = statistics.median(times)
     # each step against the peak probed next to it, then the median: robust to a load that drifts
@@ -289,6 +292,7 @@ def bench_one(args, kind: str, device: torch.device, peak: MatmulPeak) -> dict:
         "flops_per_s": flops / median,
         "peak_flops_per_s": statistics.median(peaks),
         "fraction_of_peak": fraction,
+        "cpu_share": cpu_share if device.type == "cpu" else None,
         "final_loss": final_loss,
         "loss_finite": bool(torch.isfinite(torch.tensor(final_loss))),
     }
@@ -311,16 +315,19 @@ def format_table(report: dict) -> str:
         f"{report['date']}",
         f"batch {args['batch_size']}, {args['input_size']} px, amp {args['amp']}, compile {args['compile']}, "
         f"mask ratio {args['mask_ratio']}",
-        f"{'step':<20}{'model':<24}{'img/s':>9}{'ms/step':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}{'of peak':>9}",
+        f"{'step':<20}{'model':<24}{'img/s':>9}{'ms/step':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}{'of peak':>9}"
+        f"{'cpu share':>11}",
     ]
     for r in report["runs"]:
         lines.append(f"{LABELS[r['kind']]:<20}{r['model']:<24}{r['images_per_s']:>9.2f}{r['step_time_s'] * 1e3:>10.1f}"
-                     f"{r['flops_per_step'] / 1e9:>12.1f}{r['flops_per_s'] / 1e9:>10.1f}{r['fraction_of_peak']:>9.1%}")
+                     f"{r['flops_per_step'] / 1e9:>12.1f}{r['flops_per_s'] / 1e9:>10.1f}{r['fraction_of_peak']:>9.1%}"
+                     + (f"{r['cpu_share']:>11.0%}" if r.get("cpu_share") is not None else f"{'-':>11}"))
     by_size = ", ".join(f"{n}: {v / 1e9:.1f}" for n, v in peak["flops_per_s_by_size"].items())
     lines.append(f"matmul peak ({peak['dtype']}, {peak['size']}x{peak['size']}, median of the sweep and "
                  f"{peak['probes']} probes between steps): {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
                  f"(sweep, median of {peak['reps']}, GFLOP/s by size: {by_size})")
-    lines.append("'of peak' is the median over steps of the step's FLOP/s over the peak probed right after it")
+    lines.append("'of peak': median over steps of the step's FLOP/s over the peak probed right after it; 'cpu share': "
+                 "CPU time this process got per thread per wall second (well below 100 %: the cores were shared)")
     s = report.get("speedup_vs_mask_tokens")
     if s:
         lines.append(f"MAE speedup over 'with [M]': {s['wall_clock']:.2f}x wall clock ({s['peak_normalised']:.2f}x "
