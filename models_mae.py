@@ -6,6 +6,10 @@ learnable mask token per removed patch and predicts the pixels of every patch; t
 patches only. Parameter names and shapes are those of the original research code, so its released
 checkpoints load with ``strict=True``.
 
+Other targets (HOG, a teacher's features; see ``util/targets.py``) change only the width of the last decoder
+layer (``pred_dim``) and the per-patch loss (``target_loss``); their values are passed to ``forward`` as
+``target``.
+
 Importing this module registers the ``mae_vit_*`` constructors in timm's registry::
 
     import models_mae, timm
@@ -23,6 +27,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block
 
 from util.pos_embed import sincos_2d_tensor
+from util.targets import patch_loss
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -42,10 +47,15 @@ class MaskedAutoencoderViT(nn.Module):
         norm_pix_loss=False,
         encoder_mask_tokens=False,
         grad_ckpt=False,
+        pred_dim=None,
+        target_loss="mse",
     ):
         super().__init__()
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
+        # how a given target (forward's ``target``) is compared with the prediction; a plain attribute, so the
+        # state dict stays the original one
+        self.target_loss = target_loss
         self.encoder_mask_tokens = encoder_mask_tokens
         self.grad_ckpt = grad_ckpt
 
@@ -80,7 +90,8 @@ class MaskedAutoencoderViT(nn.Module):
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
         patch_h, patch_w = self.patch_embed.patch_size
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_h * patch_w * in_chans, bias=True)
+        # pixels per patch by default; the target's width (HOG histograms, teacher features) otherwise
+        self.decoder_pred = nn.Linear(decoder_embed_dim, pred_dim or patch_h * patch_w * in_chans, bias=True)
         if encoder_mask_tokens:
             # the decoder's mask token is unused then; frozen, DDP does not wait for its gradient
             self.mask_token.requires_grad_(False)
@@ -227,16 +238,23 @@ class MaskedAutoencoderViT(nn.Module):
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return target
 
-    def forward_loss(self, imgs, pred, mask):
-        """Mean squared error per patch, averaged over the removed patches only."""
-        loss = (pred - self.target_patches(imgs)) ** 2
-        loss = loss.mean(dim=-1)
+    def forward_loss(self, imgs, pred, mask, target=None):
+        """Loss per patch, averaged over the removed patches only: mean squared error against the pixels, or
+        ``self.target_loss`` against ``target`` (N, L, pred_dim) when one is given."""
+        if target is None:
+            loss = (pred - self.target_patches(imgs)) ** 2
+            loss = loss.mean(dim=-1)
+        else:
+            if target.shape != pred.shape:
+                raise ValueError(f"target of shape {tuple(target.shape)} for predictions of shape {tuple(pred.shape)} "
+                                 f"(the decoder's pred_dim must equal the target's width)")
+            loss = patch_loss(pred, target, self.target_loss)
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None):
+    def forward(self, imgs, mask_ratio=0.75, noise=None, target=None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
+        loss = self.forward_loss(imgs, pred, mask, target)
         return loss, pred, mask
 
 

@@ -12,6 +12,11 @@ original's released files carry none: pass ``--model`` (and ``--norm_pix_loss`` 
 files, whose decoder predicts per-patch normalised pixels; the ``mae_visualize_*`` files predict pixels).
 
 Every mask ratio uses the same masking noise, so a sweep removes more and more patches of one ordering.
+
+Checkpoints pretrained with ``--target hog`` or ``--target teacher`` predict no pixels, so no image is
+reconstructed: the figure shows the masks and, on each removed patch, a heat map of the cosine similarity of
+prediction and target (recomputed from the image; a teacher checkpoint that has moved since pretraining can be
+named with ``--teacher_checkpoint``).
 """
 from __future__ import annotations
 
@@ -25,9 +30,9 @@ from torchvision import transforms
 from util.checkpoint import CheckpointError, load_checkpoint_file, load_pretrained, model_state_dict
 from util.cli import Parser, UsageError, default_device, run
 from util.datasets import DATASETS, dataset_info, load_rgb_image
-from util.runtime import build_model
-from util.visualize import (NORM_PIX_NOTE, fixed_noise, reconstruct, reconstruction_panel, render_figure,
-                            save_png)
+from util.targets import build_model_and_target
+from util.visualize import (NORM_PIX_NOTE, SIMILARITY_NOTE, compare_with_target, fixed_noise, reconstruct,
+                            reconstruction_panel, render_figure, save_png, similarity_panel)
 
 DEFAULT_INPUT_SIZE = 224
 # the extensions Pillow can open, for picking images out of a directory
@@ -56,6 +61,9 @@ def get_args_parser():
     parser.set_defaults(norm_pix_loss=None)  # None: not given, take the checkpoint's
     g.add_argument("--dataset", default=None, choices=DATASETS,
                    help="whose mean/std normalise the images (fashion_mnist: grey; others: ImageNet's)")
+    g.add_argument("--teacher_checkpoint", default=None, metavar="FILE",
+                   help="for --target teacher checkpoints: where the teacher's weights are now (default: the path "
+                        "recorded at pretraining)")
     g.add_argument("--device", default=default_device())
     return parser
 
@@ -136,7 +144,12 @@ def main(args):
     if not str(model_name).startswith("mae_"):
         raise UsageError(f"reconstructions need a masked autoencoder (mae_vit_*), not {model_name}")
     input_size = int(resolve_setting("input_size", args.input_size, saved, DEFAULT_INPUT_SIZE))
+    pixels = saved.get("target") in (None, "pixel", "norm_pixel")
+    if not pixels and args.norm_pix_loss is not None:
+        raise UsageError(f"{args.checkpoint} was pretrained with --target {saved['target']}: its decoder predicts no "
+                         f"pixels, so --norm_pix_loss / --no_norm_pix_loss do not apply")
     norm_pix = bool(resolve_setting("norm_pix_loss", args.norm_pix_loss, saved, False))
+    target_name = ("norm_pixel" if norm_pix else "pixel") if pixels else saved["target"]
     dataset = resolve_setting("dataset", args.dataset, saved, "imagefolder")
     info = dataset_info(argparse.Namespace(dataset=dataset))
     # the weights know their channel count; the dataset only supplies statistics to match it
@@ -146,13 +159,27 @@ def main(args):
         raise UsageError(f"{args.checkpoint} expects {in_chans}-channel images but --dataset {dataset} has "
                          f"{len(info.mean)}-channel statistics; pass --dataset "
                          f"{'fashion_mnist' if in_chans == 1 else 'imagefolder'}")
-    if saved.get("norm_pix_loss") is None and args.norm_pix_loss is None:
+    if saved.get("norm_pix_loss") is None and args.norm_pix_loss is None and pixels:
         print("note: the checkpoint does not say whether it used norm_pix_loss; assuming pixel targets "
               "(pass --norm_pix_loss for norm_pix models such as the released *_full.pth)")
-    print(f"model {model_name}, {input_size} px, {in_chans} channel(s), norm_pix_loss {norm_pix}, "
-          f"{dataset} mean/std")
+    print(f"model {model_name}, {input_size} px, {in_chans} channel(s), target {target_name}, "
+          f"norm_pix_loss {norm_pix}, {dataset} mean/std")
 
-    model = build_model(model_name, img_size=input_size, in_chans=in_chans, norm_pix_loss=norm_pix)
+    settings = {**saved, "target": target_name}
+    if args.teacher_checkpoint:
+        settings["teacher_checkpoint"] = args.teacher_checkpoint
+    model, target = build_model_and_target(model_name, settings, info.mean, info.std, args.device,
+                                           img_size=input_size, in_chans=in_chans, norm_pix_loss=norm_pix)
+    pred_rows = state["decoder_pred.weight"].shape[0] if "decoder_pred.weight" in state else None
+    if target is not None:
+        print(f"target: {target.describe()}")
+    if pred_rows is not None and pred_rows != model.decoder_pred.out_features:
+        if target is not None:
+            raise CheckpointError(f"{args.checkpoint}: the decoder predicts {pred_rows} values per patch but the "
+                                  f"recorded target gives {target.dim} (another teacher or --hog_cell?)")
+        raise CheckpointError(f"{args.checkpoint}: the decoder predicts {pred_rows} values per patch, not the "
+                              f"{model.decoder_pred.out_features} pixel values, and the file does not say which "
+                              f"target it was trained for; no reconstruction can be drawn")
     load_pretrained(model, args.checkpoint, log=print)
     model.to(args.device)
 
@@ -160,15 +187,25 @@ def main(args):
     noise = fixed_noise(len(images), model.patch_embed.num_patches, args.seed)
     panels = []
     for ratio in args.mask_ratio:
-        rec = reconstruct(model, images, noise, ratio)
-        title = (f"mask ratio {ratio:g}: {rec.num_removed} of {rec.num_patches} patches removed (grey), "
-                 f"loss {rec.loss:.4f}")
-        panels.append(reconstruction_panel(rec, images, info.mean, info.std, title))
+        if target is None:
+            rec = reconstruct(model, images, noise, ratio)
+            panel = reconstruction_panel(rec, images, info.mean, info.std)
+        else:
+            rec = compare_with_target(model, target, images, noise, ratio)
+            panel = similarity_panel(rec, images, info.mean, info.std)
+        panel.title = (f"mask ratio {ratio:g}: {rec.num_removed} of {rec.num_patches} patches removed (grey), "
+                       f"loss {rec.loss:.4f}")
+        if target is not None:
+            panel.title += f", mean cosine similarity on removed patches {rec.removed_similarity:.3f}"
+        panels.append(panel)
     epoch = checkpoint.get("epoch")
     parts = [f"{os.path.basename(args.checkpoint)} ({model_name}"
              f"{f', epoch {epoch}' if isinstance(epoch, int) else ''}), {len(images)} image(s)",
-             f"masking noise seed {args.seed}" + (", the same for every ratio" if len(args.mask_ratio) > 1 else ""),
-             "last column: visible patches are the input pixels"]
+             f"masking noise seed {args.seed}" + (", the same for every ratio" if len(args.mask_ratio) > 1 else "")]
+    if target is None:
+        parts.append("last column: visible patches are the input pixels")
+    else:
+        parts += [f"target: {target.describe()}, not pixels, so no image is reconstructed", SIMILARITY_NOTE]
     if norm_pix:
         parts.append(NORM_PIX_NOTE)
     caption = "; ".join(parts)

@@ -229,3 +229,15 @@ def test_every_mae_constructor_has_a_classifier_twin():
     assert len(mae_names) >= 7
     for name in mae_names:
         assert name[len("mae_"):] in timm.list_models("vit_*"), name
+
+
+def test_pred_dim_changes_only_the_prediction_layer_and_target_loss_no_state():
+    layout = original_layout(32, 2, 16, 1, 4, 3, 17)
+    layout.update({"decoder_pred.weight": (108, 16), "decoder_pred.bias": (108,)})
+    model = tiny_mae(pred_dim=108, target_loss="cosine")
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == layout
+    assert model.target_loss == "cosine"
+    assert {k: tuple(v.shape) for k, v in tiny_mae(pred_dim=None).state_dict().items()} == \
+        original_layout(32, 2, 16, 1, 4, 3, 17)
+    loss, pred, _ = model(torch.randn(2, 3, 16, 16), target=torch.randn(2, 16, 108))
+    assert pred.shape == (2, 16, 108) and torch.isfinite(loss)

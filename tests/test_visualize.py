@@ -14,18 +14,21 @@ from conftest import run_program
 from util.cli import UsageError, run
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, DataError
 from util.runtime import build_model
-from util.visualize import (GAP, MARGIN, MASK_GREY, NORM_PIX_NOTE, ReconstructionLogger, build_reconstruction_logger,
-                            denormalize_patches, fixed_noise, mask_to_image, paste_visible, plot_loss_curve,
-                            reconstruct, reconstruction_grid, reconstruction_panel, render_figure, to_display)
+from util.checkpoint import CheckpointError
+from util.targets import HOGTarget
+from util.visualize import (GAP, MARGIN, MASK_GREY, NORM_PIX_NOTE, SIMILARITY_NOTE, ReconstructionLogger,
+                            build_reconstruction_logger, compare_with_target, denormalize_patches, fixed_noise,
+                            mask_to_image, paste_visible, plot_loss_curve, reconstruct, reconstruction_grid,
+                            reconstruction_panel, render_figure, similarity_colours, similarity_panel, to_display)
 
 GREY_MEAN, GREY_STD = (0.3,), (0.4,)
 
 
-def tiny_mae(in_chans=3, norm_pix_loss=False):
+def tiny_mae(in_chans=3, norm_pix_loss=False, **kwargs):
     torch.manual_seed(0)
     return models_mae.MaskedAutoencoderViT(img_size=16, patch_size=4, in_chans=in_chans, embed_dim=32, depth=1,
                                            num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
-                                           norm_pix_loss=norm_pix_loss)
+                                           norm_pix_loss=norm_pix_loss, **kwargs)
 
 
 def normalised_images(n=3, channels=3, size=16, seed=1):
@@ -276,3 +279,101 @@ def test_cli_input_errors_name_the_problem(imagefolder, tmp_path):
     torch.save({"model": torch.load(checkpoint, weights_only=True)["model"]}, bare)  # no training arguments
     with pytest.raises(UsageError, match="pass --model"):
         visualize.main(cli_args("--checkpoint", bare, "--images", imagefolder + "/val/class_00"))
+
+
+# ------------------------------------------------------------------ non-pixel targets
+def hog_mae(in_chans=3):
+    target = HOGTarget(4, in_chans, 2)
+    return tiny_mae(in_chans=in_chans, pred_dim=target.dim), target
+
+
+def test_similarity_colours_follow_the_ramp():
+    colours = similarity_colours(torch.tensor([-0.7, 0.0, 0.5, 1.0]))
+    assert torch.allclose(colours[0], colours[1])  # below 0 looks like 0
+    assert torch.allclose(colours[1], torch.tensor([0.25, 0.0, 0.45]))
+    assert torch.allclose(colours[2], torch.tensor([0.85, 0.15, 0.15]))
+    assert torch.allclose(colours[3], torch.tensor([1.0, 0.9, 0.2]))
+
+
+def test_a_non_pixel_model_draws_a_similarity_map_not_pixels():
+    model, target = hog_mae()
+    imgs, noise = normalised_images(2), fixed_noise(2, 16)
+    with pytest.raises(ValueError, match="not pixels"):
+        reconstruct(model, imgs, noise, 0.75)
+    model.train()
+    cmp = compare_with_target(model, target, imgs, noise, 0.75)
+    assert model.training  # mode restored
+    assert cmp.similarity.shape == (2, 16) and cmp.num_removed == 12
+    # the similarity is the cosine of the model's prediction and the HOG of the image, patch by patch
+    with torch.no_grad():
+        model.eval()
+        _, pred, _ = model(imgs, 0.75, noise=noise, target=target(imgs))
+    expected = torch.nn.functional.cosine_similarity(pred, target(imgs), dim=-1)
+    assert torch.allclose(cmp.similarity, expected, atol=1e-5)
+    figure = render_figure("caption", [similarity_panel(cmp, imgs, IMAGENET_MEAN, IMAGENET_STD)])
+    assert len(figure.cells[0][0]) == 3 and figure.image.shape[1] == 2 * MARGIN + 3 * 96 + 2 * GAP
+    for row in range(2):
+        heat = cell(figure, 2, row)
+        removed = cmp.mask_img[row, 0].bool().numpy().repeat(6, 0).repeat(6, 1)
+        assert np.array_equal(heat[~removed], cell(figure, 0, row)[~removed])  # visible patches: the input
+        for k in range(16):  # each removed patch in the colour of its similarity
+            if cmp.mask[row, k]:
+                top, left = 4 * (k // 4) * 6, 4 * (k % 4) * 6
+                colour = (similarity_colours(cmp.similarity[row, k]) * 255).round().numpy()
+                assert np.array_equal(heat[top:top + 24, left:left + 24].reshape(-1, 3)[0], colour)
+    _, caption = reconstruction_grid(model, imgs, noise, IMAGENET_MEAN, IMAGENET_STD, target=target)
+    assert SIMILARITY_NOTE in caption and "no image is reconstructed" in caption and NORM_PIX_NOTE not in caption
+
+
+def test_logger_with_a_target_writes_the_similarity_grid(tmp_path):
+    model, target = hog_mae(in_chans=1)
+    logger = ReconstructionLogger(normalised_images(2, channels=1), GREY_MEAN, GREY_STD, 0.75, target=target)
+    image = np.asarray(Image.open(logger(model, 0, str(tmp_path))))
+    assert image.shape[1] == 2 * MARGIN + 3 * 96 + 2 * GAP
+
+
+def save_target_checkpoint(path, target="hog", pred_dim=108, **extra):
+    torch.manual_seed(0)
+    model = build_model("mae_vit_tiny_patch4", img_size=16, pred_dim=pred_dim)
+    args = {"model": "mae_vit_tiny_patch4", "input_size": 16, "norm_pix_loss": False, "dataset": "imagefolder",
+            "target": target, **extra}
+    torch.save({"model": model.state_dict(), "epoch": 2, "args": args}, path)
+    return path
+
+
+def test_cli_hog_checkpoint_draws_the_similarity_map_and_refuses_pixel_flags(imagefolder, tmp_path, capsys):
+    checkpoint = save_target_checkpoint(tmp_path / "hog.pth", hog_cell=2)
+    images = os.path.join(imagefolder, "val", "class_00")
+    out = tmp_path / "hog.png"
+    visualize.main(cli_args("--checkpoint", checkpoint, "--images", images, "--max_images", "2", "--output", out,
+                            "--mask_ratio", "0.5", "0.75", "--device", "cpu"))
+    printed = capsys.readouterr().out
+    assert "target hog" in printed and "HOG, 2-px cells, 108 values per patch" in printed
+    width, height = Image.open(out).size
+    assert width == 2 * MARGIN + 3 * 96 + 2 * GAP and height > 4 * (96 + GAP)
+    with pytest.raises(UsageError, match="pretrained with --target hog: its decoder predicts no pixels"):
+        visualize.main(cli_args("--checkpoint", checkpoint, "--images", images, "--norm_pix_loss"))
+    wrong = save_target_checkpoint(tmp_path / "wrong.pth", hog_cell=4)  # 27 HOG values, but the decoder has 108
+    with pytest.raises(CheckpointError, match="predicts 108 values per patch but the recorded target gives 27"):
+        visualize.main(cli_args("--checkpoint", wrong, "--images", images, "--device", "cpu"))
+    bare = tmp_path / "bare.pth"
+    torch.save({"model": torch.load(checkpoint, weights_only=True)["model"]}, bare)
+    with pytest.raises(CheckpointError, match="does not say which target"):
+        visualize.main(cli_args("--checkpoint", bare, "--model", "mae_vit_tiny_patch4", "--input_size", "16",
+                                "--images", images, "--device", "cpu"))
+
+
+def test_cli_teacher_checkpoint_finds_its_moved_teacher(imagefolder, tmp_path, capsys):
+    teacher = tmp_path / "teacher.pth"
+    torch.save(build_model("mae_vit_tiny_patch4", img_size=16).state_dict(), teacher)
+    checkpoint = save_target_checkpoint(tmp_path / "student.pth", target="teacher", pred_dim=192,
+                                        teacher_model="vit_tiny_patch4", teacher_checkpoint=str(tmp_path / "moved.pth"),
+                                        target_loss="cosine")
+    images = os.path.join(imagefolder, "val", "class_00")
+    with pytest.raises(CheckpointError, match="moved.pth does not exist"):
+        visualize.main(cli_args("--checkpoint", checkpoint, "--images", images, "--device", "cpu"))
+    out = tmp_path / "teacher.png"
+    visualize.main(cli_args("--checkpoint", checkpoint, "--images", images, "--max_images", "1", "--output", out,
+                            "--teacher_checkpoint", teacher, "--device", "cpu"))
+    assert "teacher vit_tiny_patch4 from" in capsys.readouterr().out
+    assert Image.open(out).size[0] == 2 * MARGIN + 3 * 96 + 2 * GAP

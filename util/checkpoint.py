@@ -176,6 +176,10 @@ def load_pretrained(model, path, *, head_init_std=None, allow_missing=None, log=
         trunc_normal_(head.weight, std=head_init_std)
         torch.nn.init.zeros_(head.bias)
     report = dict(missing=missing, unexpected=unexpected, resampled=resampled, dropped=dropped)
+    saved = checkpoint.get("args")
+    target = getattr(saved, "target", None) if not isinstance(saved, dict) else saved.get("target")
+    if log and target:  # the encoder is what matters here; say what its decoder was trained to predict
+        log(f"{path} was pretrained with --target {target}")
     if log:
         log(f"loaded {path}: " + ", ".join(f"{k} {_names(v)}" for k, v in report.items() if v) if any(report.values())
             else f"loaded {path}: all keys matched")
@@ -292,6 +296,12 @@ def resume_training(args, model, optimizer=None, updater=None) -> dict | None:
         return None
     checkpoint = load_checkpoint_file(path)
     state = model_state_dict(checkpoint, path)
+    expected = model.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if mismatched:  # load_state_dict would raise a multi-line RuntimeError
+        raise CheckpointError(f"cannot resume from {path}: shape mismatch for {'; '.join(mismatched[:4])} "
+                              f"(a checkpoint of another model, input size or --target?)")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(

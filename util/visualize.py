@@ -3,6 +3,9 @@
 * ``reconstruction_grid``: one row per image, four columns: original | masked input (removed patches grey) |
   reconstruction | reconstruction with the visible patches pasted back (those are the exact input pixels).
   The caption is written into the image, so a PNG explains itself.
+* ``target_comparison_grid``: for models that predict other targets than pixels (HOG, teacher features;
+  util/targets.py) there is no image to reconstruct: three columns, original | masked input | a heat map of the
+  cosine similarity of prediction and target on each removed patch.
 * ``ReconstructionLogger``: that grid on fixed held-out images with fixed masking noise during pretraining
   (``OUTPUT_DIR/vis/epoch_XXXX.png`` and TensorBoard), so epochs compare like for like.
 * ``plot_loss_curve``: training loss and learning rate per epoch from ``log.txt``.
@@ -11,6 +14,7 @@ Everything is drawn with Pillow; matplotlib is not needed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,6 +29,12 @@ from util.datasets import DataError
 
 NORM_PIX_NOTE = "prediction de-normalised with each patch's mean/std (norm_pix_loss)"
 COLUMN_TITLES = ("original", "masked input", "reconstruction", "reconstruction + visible")
+SIMILARITY_TITLES = ("original", "masked input", "prediction vs target (cosine)")
+# heat-map colours of cosine similarity 0 (and below), 0.5 and 1: saturated, so they never pass for the grey of a
+# removed patch or for the (often grey) image around them
+SIMILARITY_RAMP = ((0.25, 0.0, 0.45), (0.85, 0.15, 0.15), (1.0, 0.9, 0.2))
+SIMILARITY_NOTE = ("heat map: cosine similarity of predicted and true target per removed patch, purple <= 0, "
+                   "red 0.5, yellow 1")
 # must equal the eps of MaskedAutoencoderViT.target_patches, or de-normalising would not invert it
 PATCH_STAT_EPS = 1.0e-6
 # small images (CIFAR 32 px, Fashion-MNIST 28 px) are enlarged, nearest-neighbour, to at least this
@@ -119,31 +129,97 @@ class Reconstruction:
         return int(self.mask[0].sum().item())
 
 
-def reconstruct(model, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> Reconstruction:
-    """Run ``model`` in eval mode without gradients on ``imgs`` (normalised, N x C x H x W) with the given
-    masking ``noise`` (N, L); the model's train/eval mode is restored afterwards."""
-    model = unwrap_model(model)
-    device = next(model.parameters()).device
-    imgs = imgs.detach().float().cpu()
-    # each submodule's own mode, so a partly frozen model comes back exactly as it was
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode and no gradients inside; afterwards each submodule's own train/eval mode again, so a partly
+    frozen model comes back exactly as it was."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            on_device = imgs.to(device)
-            loss, pred, mask = model(on_device, mask_ratio=mask_ratio, noise=noise.to(device))
-            pred = pred.float()
-            if model.norm_pix_loss:
-                pred = denormalize_patches(pred, model.patchify(on_device))
-            pred_imgs = model.unpatchify(pred).cpu()
-            mask = mask.float().cpu()
-            mask_img = mask_to_image(mask, model)
+            yield
     finally:
         for module, training in modes:
             module.training = training
+
+
+def predicts_pixels(model) -> bool:
+    p, q = model.patch_size
+    return model.decoder_pred.out_features == p * q * model.in_chans
+
+
+def reconstruct(model, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> Reconstruction:
+    """Run ``model`` in eval mode without gradients on ``imgs`` (normalised, N x C x H x W) with the given
+    masking ``noise`` (N, L); the model's train/eval mode is restored afterwards."""
+    model = unwrap_model(model)
+    if not predicts_pixels(model):
+        raise ValueError(f"the decoder predicts {model.decoder_pred.out_features} values per patch, not pixels: "
+                         f"draw it with target_comparison_grid and its target")
+    device = next(model.parameters()).device
+    imgs = imgs.detach().float().cpu()
+    with evaluating(model):
+        on_device = imgs.to(device)
+        loss, pred, mask = model(on_device, mask_ratio=mask_ratio, noise=noise.to(device))
+        pred = pred.float()
+        if model.norm_pix_loss:
+            pred = denormalize_patches(pred, model.patchify(on_device))
+        pred_imgs = model.unpatchify(pred).cpu()
+        mask = mask.float().cpu()
+        mask_img = mask_to_image(mask, model)
     return Reconstruction(mask=mask, mask_img=mask_img, pred_imgs=pred_imgs,
                           pasted=paste_visible(pred_imgs, imgs, mask_img), loss=float(loss),
                           mask_ratio=mask_ratio, norm_pix=bool(model.norm_pix_loss))
+
+
+@dataclass
+class TargetComparison:
+    """How close a non-pixel model's predictions are to their targets; tensors on the CPU."""
+    mask: torch.Tensor  # (N, L), 1 = removed
+    mask_img: torch.Tensor  # (N, 1, H, W)
+    similarity: torch.Tensor  # (N, L) cosine similarity of prediction and target per patch
+    heat_img: torch.Tensor  # (N, 3, H, W) in [0, 1], each patch in the colour of its similarity
+    loss: float
+    mask_ratio: float
+    target: str  # what was predicted, in words
+
+    num_patches = Reconstruction.num_patches
+    num_removed = Reconstruction.num_removed
+
+    @property
+    def removed_similarity(self) -> float:
+        """Mean similarity over the removed patches (the ones the loss counts)."""
+        return float((self.similarity * self.mask).sum() / self.mask.sum().clamp(min=1))
+
+
+def similarity_colours(similarity: torch.Tensor) -> torch.Tensor:
+    """(...) cosine similarities -> (..., 3) RGB in [0, 1] along SIMILARITY_RAMP (values below 0 as 0)."""
+    ramp = torch.tensor(SIMILARITY_RAMP, dtype=torch.float32)
+    position = similarity.float().clamp(0.0, 1.0) * (len(ramp) - 1)
+    low = position.floor().long().clamp(max=len(ramp) - 2)
+    frac = (position - low).unsqueeze(-1)
+    return ramp[low] * (1 - frac) + ramp[low + 1] * frac
+
+
+def compare_with_target(model, target, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> TargetComparison:
+    """Run a non-pixel ``model`` like :func:`reconstruct` and compare its predictions with ``target(imgs)`` (a
+    generator of util/targets.py) patch by patch."""
+    from util.targets import patch_cosine
+
+    model = unwrap_model(model)
+    device = next(model.parameters()).device
+    imgs = imgs.detach().float().cpu()
+    with evaluating(model):
+        on_device = imgs.to(device)
+        wanted = target(on_device)
+        loss, pred, mask = model(on_device, mask_ratio=mask_ratio, noise=noise.to(device), target=wanted)
+        similarity = patch_cosine(pred, wanted).cpu()
+    mask = mask.float().cpu()
+    p, q = model.patch_size
+    colours = similarity_colours(similarity)  # (N, L, 3), one colour per patch, spread over its pixels
+    heat = model.unpatchify(colours.unsqueeze(2).expand(-1, -1, p * q, -1).reshape(*similarity.shape, -1))
+    describe = getattr(target, "describe", None)
+    return TargetComparison(mask=mask, mask_img=mask_to_image(mask, model), similarity=similarity, heat_img=heat,
+                            loss=float(loss), mask_ratio=mask_ratio, target=describe() if describe else str(target))
 
 
 # ------------------------------------------------------------------ drawing a figure
@@ -182,12 +258,40 @@ def reconstruction_caption(rec: Reconstruction, title: str = "") -> str:
     return "; ".join(parts)
 
 
-def reconstruction_grid(model, imgs, noise, mean, std, mask_ratio: float = 0.75, title: str = ""):
-    """Reconstruct ``imgs`` (normalised with ``mean``/``std``) with fixed masking ``noise`` and draw the grid.
+def similarity_panel(cmp: TargetComparison, imgs: torch.Tensor, mean, std, title: str = "") -> Panel:
+    """original | masked input | the heat map on the removed patches (the input on the visible ones)."""
+    original = to_display(imgs.detach().float().cpu(), mean, std)
+    removed = cmp.mask_img.bool()
+    masked = torch.where(removed, torch.full_like(original, MASK_GREY), original)
+    heat = torch.where(removed, cmp.heat_img, original.expand(-1, 3, -1, -1))
+    return Panel(title, SIMILARITY_TITLES, [original, masked, heat])
+
+
+def comparison_caption(cmp: TargetComparison, title: str = "") -> str:
+    parts = [title] if title else []
+    parts.append(f"mask ratio {cmp.mask_ratio:g}: {cmp.num_removed} of {cmp.num_patches} patches removed (grey), "
+                 f"loss {cmp.loss:.4f}, mean cosine similarity on removed patches {cmp.removed_similarity:.3f}")
+    parts.append(f"target: {cmp.target}, not pixels, so no image is reconstructed")
+    parts.append(SIMILARITY_NOTE)
+    return "; ".join(parts)
+
+
+def target_comparison_grid(model, target, imgs, noise, mean, std, mask_ratio: float = 0.75, title: str = ""):
+    """:func:`reconstruction_grid` for models that predict ``target`` (util/targets.py) instead of pixels."""
+    cmp = compare_with_target(model, target, imgs, noise, mask_ratio)
+    caption = comparison_caption(cmp, title)
+    return render_figure(caption, [similarity_panel(cmp, imgs, mean, std)]).image, caption
+
+
+def reconstruction_grid(model, imgs, noise, mean, std, mask_ratio: float = 0.75, title: str = "", target=None):
+    """Reconstruct ``imgs`` (normalised with ``mean``/``std``) with fixed masking ``noise`` and draw the grid;
+    with a non-pixel ``target`` generator, the similarity grid of :func:`target_comparison_grid` instead.
 
     Returns ``(image, caption)``: an (H, W, 3) uint8 array with the caption and column titles drawn in, and
     the caption as text.
     """
+    if target is not None:
+        return target_comparison_grid(model, target, imgs, noise, mean, std, mask_ratio, title)
     rec = reconstruct(model, imgs, noise, mask_ratio)
     caption = reconstruction_caption(rec, title)
     return render_figure(caption, [reconstruction_panel(rec, imgs, mean, std)]).image, caption
@@ -286,15 +390,18 @@ class ReconstructionLogger:
 
     ``images`` are normalised (N, C, H, W) tensors, e.g. from ``held_out_images``. Calling the logger writes
     ``OUTPUT_DIR/vis/epoch_XXXX.png`` and the TensorBoard image ``reconstruction`` on rank 0 (other ranks
-    return at once). It restores the model's train/eval mode and leaves the global RNG state as it was.
+    return at once). It restores the model's train/eval mode and leaves the global RNG state as it was. With a
+    non-pixel ``target`` generator (util/targets.py) it draws the similarity grid instead.
     """
 
-    def __init__(self, images: torch.Tensor, mean, std, mask_ratio: float, seed: int = 0, tag: str = "reconstruction"):
+    def __init__(self, images: torch.Tensor, mean, std, mask_ratio: float, seed: int = 0, tag: str = "reconstruction",
+                 target=None):
         self.images = images.detach().float().cpu()
         self.mean, self.std = tuple(mean), tuple(std)
         self.mask_ratio = mask_ratio
         self.seed = seed
         self.tag = tag
+        self.target = target
 
     def noise(self, num_patches: int) -> torch.Tensor:
         # drawn again each time from the same seed: identical masks every epoch, no state to keep
@@ -311,7 +418,8 @@ class ReconstructionLogger:
         # the forward with given noise draws no random numbers; fork_rng guarantees it stays so
         with torch.random.fork_rng(devices=cuda_devices):
             image, _ = reconstruction_grid(model, self.images, self.noise(model.patch_embed.num_patches),
-                                           self.mean, self.std, self.mask_ratio, title=f"epoch {epoch}")
+                                           self.mean, self.std, self.mask_ratio, title=f"epoch {epoch}",
+                                           target=self.target)
         path = None
         if output_dir:
             path = os.path.join(output_dir, "vis", f"epoch_{epoch:04d}.png")
@@ -339,15 +447,17 @@ def held_out_images(args, num_images: int = 8) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in indices])
 
 
-def build_reconstruction_logger(args, num_images: int = 8, seed: int = 0):
-    """A ReconstructionLogger for a pretraining run (``args.mask_ratio``, the run's dataset statistics), or
-    None on ranks other than 0 and when the run writes neither ``output_dir`` nor ``log_dir``."""
+def build_reconstruction_logger(args, num_images: int = 8, seed: int = 0, target=None):
+    """A ReconstructionLogger for a pretraining run (``args.mask_ratio``, the run's dataset statistics, its
+    non-pixel ``target`` generator if any), or None on ranks other than 0 and when the run writes neither
+    ``output_dir`` nor ``log_dir``."""
     from util.datasets import dataset_info
 
     if not distributed.is_main_process() or not (args.output_dir or args.log_dir):
         return None
     info = dataset_info(args)
-    return ReconstructionLogger(held_out_images(args, num_images), info.mean, info.std, args.mask_ratio, seed=seed)
+    return ReconstructionLogger(held_out_images(args, num_images), info.mean, info.std, args.mask_ratio, seed=seed,
+                                target=target)
 
 
 # ------------------------------------------------------------------ loss curve

@@ -1,0 +1,393 @@
+"""What the decoder regresses for each removed patch, besides pixels.
+
+* ``pixel`` / ``norm_pixel``: the original MAE targets, computed inside the model (``norm_pix_loss``); no
+  generator here, so the default path is exactly the original one.
+* ``hog`` (MaskFeat): histograms of oriented gradients, computed in batch on the device. Per colour channel,
+  3x3 Sobel gradients with reflect padding; 9 unsigned orientation bins over [0, pi), each pixel voting with its
+  gradient magnitude, weighted by a Gaussian centred on its patch (std = half the patch); votes pooled over
+  cells of ``hog_cell`` px; each cell's 9-bin histogram L2-normalised. A patch's target is its cells'
+  histograms concatenated (cell rows, cell columns, channels, bins): 16-px patch, 8-px cells, 3 channels ->
+  2 x 2 x 3 x 9 = 108 values. Loss: mean squared error.
+* ``teacher`` (MaskDistill, MILAN): features of a frozen network at the patch positions, from a chosen block,
+  resampled to the student's patch grid, normalised by a LayerNorm without affine parameters. Loss: smooth-L1
+  (MaskDistill) or 2 - 2 cos (MILAN).
+
+A generator is a plain object, not an ``nn.Module`` attached to the student: the teacher is therefore never in
+the student's state dict (checkpoints), parameters (optimizer) or DDP wrapper.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from util.checkpoint import CheckpointError, load_checkpoint_file, model_state_dict
+from util.cli import UsageError
+
+TARGETS = ("pixel", "norm_pixel", "hog", "teacher")
+TEACHER_LOSSES = ("smooth_l1", "cosine")
+HOG_BINS = 9
+# the same eps as the models' LayerNorms
+FEATURE_LN_EPS = 1e-6
+# parameters of a teacher that its features (taken before the final norm, without a head) never use, so a
+# checkpoint may lack them: a fine-tuned classifier has fc_norm instead of norm, an encoder file has no head
+UNUSED_TEACHER_PREFIXES = ("head.", "norm.", "fc_norm.", "head_drop.")
+# pretraining-only parts of this package's MAE checkpoints; timm's ViT filter would take a 'mask_token'
+# for a DINOv2 file, so they go before it runs
+MAE_ONLY_PREFIXES = ("decoder_", "mask_token")
+TEACHER_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_pretrained", "teacher_input_size", "target_loss")
+
+
+# ------------------------------------------------------------------ losses
+def patch_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Loss per patch (N, L) between predictions and targets (N, L, D), in float32."""
+    pred, target = pred.float(), target.float()
+    if kind == "mse":
+        return ((pred - target) ** 2).mean(dim=-1)
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, reduction="none").mean(dim=-1)
+    if kind == "cosine":
+        return 2.0 - 2.0 * patch_cosine(pred, target)
+    raise ValueError(f"unknown target loss {kind!r}; choose mse, smooth_l1 or cosine")
+
+
+def patch_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity per patch (N, L); 0 where either vector is zero (a flat patch's HOG)."""
+    return F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-8)
+
+
+# ------------------------------------------------------------------ HOG
+def default_hog_cell(patch: int) -> int:
+    """MaskFeat's 2 x 2 cells per patch (8 px for 16-px patches); a whole odd patch as one cell."""
+    return patch // 2 if patch % 2 == 0 else patch
+
+
+def hog_dim(patch: int, cell: int, in_chans: int) -> int:
+    return (patch // cell) ** 2 * in_chans * HOG_BINS
+
+
+def sobel_gradients(imgs: torch.Tensor):
+    """Horizontal and vertical 3x3 Sobel derivatives of every channel (N, C, H, W), reflect-padded so the
+    border adds no edge of its own; y points down the rows. Written as its separable form (a central
+    difference, then 1-2-1 smoothing across it) rather than a convolution: differences of equal values are
+    exactly zero, so a flat region has no rounding-noise gradient for the per-cell normalisation to blow up."""
+    padded = F.pad(imgs, (1, 1, 1, 1), mode="reflect")
+    dx = padded[..., :, 2:] - padded[..., :, :-2]  # (N, C, H + 2, W)
+    dy = padded[..., 2:, :] - padded[..., :-2, :]  # (N, C, H, W + 2)
+    gx = dx[..., :-2, :] + 2 * dx[..., 1:-1, :] + dx[..., 2:, :]
+    gy = dy[..., :, :-2] + 2 * dy[..., :, 1:-1] + dy[..., :, 2:]
+    return gx, gy
+
+
+def patch_gaussian(h: int, w: int, patch: int, device, dtype=torch.float32) -> torch.Tensor:
+    """(H, W) weights: a Gaussian of std patch/2 centred on each patch, tiled over the image, so pixels near a
+    patch's border vote less (MaskFeat's spatial weighting)."""
+    offset = torch.arange(patch, device=device, dtype=dtype) - (patch - 1) / 2
+    bump = torch.exp(-0.5 * (offset / (patch / 2)) ** 2)
+    window = bump[:, None] * bump[None, :]
+    return window.repeat(h // patch, w // patch)
+
+
+def hog_histograms(imgs: torch.Tensor, cell: int, patch: int) -> torch.Tensor:
+    """(N, C, H, W) -> per-channel, per-cell L2-normalised 9-bin histograms (N, C, 9, H/cell, W/cell)."""
+    n, c, h, w = imgs.shape
+    gx, gy = sobel_gradients(imgs)
+    magnitude = torch.hypot(gx, gy) * patch_gaussian(h, w, patch, imgs.device, imgs.dtype)
+    # unsigned orientation: a dark-to-bright and a bright-to-dark edge of one direction share a bin
+    angle = torch.atan2(gy, gx).remainder(math.pi)
+    bins = (angle * (HOG_BINS / math.pi)).floor().long().clamp_(0, HOG_BINS - 1)
+    votes = torch.zeros(n, c, HOG_BINS, h, w, device=imgs.device, dtype=imgs.dtype)
+    votes.scatter_(2, bins.unsqueeze(2), magnitude.unsqueeze(2))
+    # a sum over each cell (the mean's constant factor disappears in the normalisation below)
+    cells = F.avg_pool2d(votes.view(n, c * HOG_BINS, h, w), cell).view(n, c, HOG_BINS, h // cell, w // cell)
+    return F.normalize(cells, p=2, dim=2)
+
+
+class HOGTarget:
+    """Callable: normalised images (N, C, H, W) -> HOG target per patch (N, L, dim)."""
+
+    name = "hog"
+    loss = "mse"
+
+    def __init__(self, patch: int, in_chans: int, cell: int | None = None):
+        cell = cell or default_hog_cell(patch)
+        if cell <= 0 or patch % cell:
+            raise UsageError(f"--hog_cell {cell} must divide the patch size {patch} (e.g. {default_hog_cell(patch)})")
+        self.patch, self.cell, self.in_chans = patch, cell, in_chans
+        self.dim = hog_dim(patch, cell, in_chans)
+
+    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = imgs.shape
+        p, k = self.patch, self.patch // self.cell
+        # float32 even under autocast: atan2 and the bin edges are not for bf16
+        with torch.no_grad(), torch.autocast(device_type=imgs.device.type, enabled=False):
+            hist = hog_histograms(imgs.float(), self.cell, p)
+        hist = hist.reshape(n, c, HOG_BINS, h // p, k, w // p, k)
+        # (N, grid rows, grid cols, cell row, cell col, channel, bin): one patch's cells side by side
+        hist = hist.permute(0, 3, 5, 4, 6, 1, 2)
+        return hist.reshape(n, (h // p) * (w // p), self.dim)
+
+    def describe(self) -> str:
+        return f"HOG, {self.cell}-px cells, {self.dim} values per patch"
+
+
+# ------------------------------------------------------------------ teacher
+def _first_conv_channels(model: torch.nn.Module) -> int:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            return module.in_channels
+    raise UsageError(f"cannot tell how many input channels the teacher {type(model).__name__} takes")
+
+
+def _stats_for(values, channels: int, what: str):
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return (sum(values) / len(values),)
+    if len(values) == 1:
+        return values * channels
+    raise UsageError(f"{what} has {len(values)} channel statistics for a {channels}-channel network")
+
+
+def _encoder_name(model_name: str) -> str:
+    """This package's ``mae_vit_*`` pretraining models map to their ``vit_*`` classifier twins (the encoder);
+    the original's ``_dec512d8b`` aliases too."""
+    if model_name.startswith("mae_"):
+        return model_name[len("mae_"):].split("_dec")[0]
+    return model_name
+
+
+def _create_teacher(name: str, img_size: int, pretrained: bool, in_chans: int | None) -> torch.nn.Module:
+    import models_vit
+    from util.runtime import build_model
+
+    kwargs = dict(num_classes=0, img_size=img_size)
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    if hasattr(models_vit, name):
+        kwargs["global_pool"] = False  # the MAE layout: class token, final norm (unused, but its keys load)
+    if pretrained:
+        kwargs["pretrained"] = True
+    try:
+        try:
+            return build_model(name, **kwargs)
+        except TypeError:  # a convolutional network takes any size and has no img_size argument
+            kwargs.pop("img_size")
+            return build_model(name, **kwargs)
+    except (UsageError, TypeError):
+        raise
+    except Exception as e:  # only a hub download gets here: no network, no such weights, no permission
+        if not pretrained:
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot download timm's weights for the teacher {name} (offline? pass --teacher_checkpoint "
+                         f"FILE instead): {reason}") from None
+
+
+def _load_teacher_weights(teacher: torch.nn.Module, state: dict, path: str, name: str) -> None:
+    state = {k: v for k, v in state.items() if not k.startswith(MAE_ONLY_PREFIXES)}
+    # timm's own conversion for the architecture (e.g. resampling a ViT's position table to this input size)
+    filter_fn = getattr(sys.modules.get(type(teacher).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, teacher)
+        except Exception as e:  # a file of another architecture fails in the conversion
+            raise CheckpointError(f"{path} does not fit the teacher {name}: {type(e).__name__}: {e}") from None
+    expected = teacher.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    missing = [k for k in expected if k not in state and not k.startswith(UNUSED_TEACHER_PREFIXES)]
+    if mismatched or missing:
+        details = "; ".join(([f"shape mismatch for {', '.join(mismatched[:6])}"] if mismatched else [])
+                            + ([f"missing keys {', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}"]
+                               if missing else []))
+        raise CheckpointError(f"{path} does not fit the teacher {name}: {details}")
+    teacher.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def load_teacher(model_name, checkpoint, pretrained: bool, img_size: int):
+    """The frozen teacher network and the mean/std it expects its inputs normalised with.
+
+    ``checkpoint``: a local file (read with weights_only). Without ``model_name`` it must be one of this
+    package's checkpoints, whose training arguments name the model (a ``mae_vit_*`` pretraining checkpoint
+    gives its encoder). ``pretrained``: timm's hub weights instead, downloaded only then.
+    Returns ``(teacher, mean, std, description)``.
+    """
+    from util.datasets import IMAGENET_MEAN, IMAGENET_STD, dataset_info
+
+    if pretrained and checkpoint:
+        raise UsageError("--teacher_pretrained downloads the hub weights; it conflicts with --teacher_checkpoint")
+    if not pretrained and not checkpoint:
+        raise UsageError("--target teacher needs --teacher_checkpoint FILE (or --teacher_pretrained with "
+                         "--teacher_model to download timm's weights)")
+    saved, state = {}, None
+    if checkpoint:
+        loaded = load_checkpoint_file(checkpoint)
+        state = model_state_dict(loaded, checkpoint)
+        saved = loaded.get("args") if isinstance(loaded, dict) else None
+        saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved if isinstance(saved, dict) else {})
+        if not model_name:
+            model_name = saved.get("model")
+            if not model_name:
+                raise UsageError(f"{checkpoint} holds no training arguments naming its model; pass --teacher_model "
+                                 f"(a timm name such as vit_tiny_patch16_224)")
+    elif not model_name:
+        raise UsageError("--teacher_pretrained needs --teacher_model (a timm name such as vit_tiny_patch16_224)")
+    name = _encoder_name(model_name)
+    patch_weight = (state or {}).get("patch_embed.proj.weight")
+    in_chans = int(patch_weight.shape[1]) if patch_weight is not None and patch_weight.ndim == 4 else None
+    teacher = _create_teacher(name, img_size, pretrained, in_chans)
+    if state is not None:
+        _load_teacher_weights(teacher, state, checkpoint, name)
+    channels = _first_conv_channels(teacher)
+    if saved.get("dataset"):  # one of ours: trained on its dataset's normalisation
+        info = dataset_info(argparse.Namespace(dataset=saved["dataset"]))
+        mean, std = info.mean, info.std
+    else:
+        cfg = getattr(teacher, "pretrained_cfg", None) or {}
+        mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    source = checkpoint or "timm hub weights"
+    label = f"{name}" + (f" (encoder of {model_name})" if name != model_name else "") + f" from {source}"
+    return (teacher, _stats_for(mean, channels, f"teacher {name}'s mean"), _stats_for(std, channels, f"teacher {name}'s std"),
+            label)
+
+
+class TeacherTarget:
+    """Callable: normalised images (N, C, H, W) -> LayerNorm-ed teacher features per student patch (N, L, dim).
+
+    The teacher gets the images un-normalised from the data's mean/std and re-normalised with its own (grey
+    images repeated to its three channels), resized to ``input_size`` when that differs; it runs in eval mode
+    without gradients, under whatever autocast the caller has.
+    """
+
+    name = "teacher"
+
+    def __init__(self, teacher, *, mean, std, data_mean, data_std, input_size: int, grid, layer: int = -1,
+                 loss: str = "smooth_l1", label: str = "", device="cpu"):
+        if loss not in TEACHER_LOSSES:
+            raise UsageError(f"--target_loss must be one of {', '.join(TEACHER_LOSSES)}, got {loss!r}")
+        if not hasattr(teacher, "forward_intermediates"):
+            raise UsageError(f"the teacher {type(teacher).__name__} cannot return intermediate features "
+                             f"(timm's forward_intermediates); choose a timm ViT or CNN")
+        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        self.loss, self.layer, self.label = loss, layer, label
+        self.input_size, self.grid = int(input_size), tuple(grid)
+        self.channels = _first_conv_channels(teacher)
+        self.data_mean = torch.tensor(data_mean, device=device).view(1, -1, 1, 1)
+        self.data_std = torch.tensor(data_std, device=device).view(1, -1, 1, 1)
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        if self.data_mean.shape[1] not in (1, self.channels) and self.channels != 1:
+            raise UsageError(f"the teacher takes {self.channels}-channel images, the data has "
+                             f"{self.data_mean.shape[1]} channels")
+        # one probe forward: checks the layer index and tells the feature width (the decoder's output width)
+        probe = torch.zeros(1, self.data_mean.shape[1], self.input_size, self.input_size, device=device)
+        self.dim = self.features(probe).shape[1]
+
+    def teacher_input(self, imgs: torch.Tensor) -> torch.Tensor:
+        x = imgs.float() * self.data_std + self.data_mean  # back to [0, 1] pixels
+        if x.shape[1] != self.channels:
+            x = x.mean(dim=1, keepdim=True) if self.channels == 1 else x.expand(-1, self.channels, -1, -1)
+        x = (x - self.mean) / self.std
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
+        return x
+
+    @torch.no_grad()
+    def features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The chosen block's output at the patch positions (class and register tokens dropped), (N, D, h, w)."""
+        try:
+            (out,) = self.teacher.forward_intermediates(self.teacher_input(imgs), indices=[self.layer], norm=False,
+                                                        stop_early=True, output_fmt="NCHW", intermediates_only=True)
+        except (AssertionError, IndexError) as e:  # timm asserts on a block index out of range
+            raise UsageError(f"--teacher_layer {self.layer}: {e}") from None
+        return out
+
+    @torch.no_grad()
+    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+        feats = self.features(imgs).float()
+        if tuple(feats.shape[-2:]) != self.grid:  # another patch size or input size than the student's
+            feats = F.interpolate(feats, size=self.grid, mode="bilinear", align_corners=False)
+        feats = feats.flatten(2).transpose(1, 2)  # (N, L, D) in the student's raster order
+        return F.layer_norm(feats, feats.shape[-1:], eps=FEATURE_LN_EPS)
+
+    def describe(self) -> str:
+        block = "last block" if self.layer == -1 else f"block {self.layer}"
+        return f"teacher {self.label}, {block}, {self.dim} features per patch, {self.loss} loss"
+
+
+# ------------------------------------------------------------------ from the command line
+def resolve_target_args(args) -> None:
+    """Check the target flags together and fill in their defaults, in place, so the checkpoint's arguments
+    say exactly what was trained: ``target``, ``norm_pix_loss`` (True only for norm_pixel), ``hog_cell``
+    and ``target_loss`` (None where they do not apply)."""
+    target = args.target
+    if args.norm_pix_loss:  # the original's spelling of norm_pixel
+        if target not in (None, "norm_pixel"):
+            raise UsageError(f"--norm_pix_loss means --target norm_pixel; it conflicts with --target {target}")
+        target = "norm_pixel"
+    target = target or "pixel"
+    if target not in TARGETS:
+        raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if target != "hog" and args.hog_cell is not None:
+        raise UsageError(f"--hog_cell applies to --target hog, not {target}")
+    if target != "teacher":
+        given = [f"--{flag}" for flag in TEACHER_FLAGS if getattr(args, flag, None) not in (None, False)]
+        if given or args.teacher_layer != -1:
+            raise UsageError(f"{', '.join(given or ['--teacher_layer'])} applies to --target teacher, not {target}")
+    elif args.target_loss is None:
+        args.target_loss = "smooth_l1"
+    args.target = target
+    args.norm_pix_loss = target == "norm_pixel"
+
+
+def build_target(settings: dict, student, data_mean, data_std, device="cpu"):
+    """The generator for ``settings['target']`` (a run's arguments as a dict), fitted to ``student``'s patches
+    (any module with a timm ``patch_embed``, even one on the meta device); None for the pixel targets, which
+    the model computes itself."""
+    target = settings.get("target") or ("norm_pixel" if settings.get("norm_pix_loss") else "pixel")
+    patch_embed = student.patch_embed
+    if target in ("pixel", "norm_pixel"):
+        return None
+    in_chans = patch_embed.proj.in_channels
+    if target == "hog":
+        patch_h, patch_w = patch_embed.patch_size
+        if patch_h != patch_w:
+            raise UsageError(f"--target hog needs square patches, not {patch_h}x{patch_w}")
+        return HOGTarget(patch_h, in_chans, settings.get("hog_cell"))
+    if target == "teacher":
+        student_size = patch_embed.img_size[0]
+        input_size = settings.get("teacher_input_size") or student_size
+        teacher, mean, std, label = load_teacher(settings.get("teacher_model"), settings.get("teacher_checkpoint"),
+                                                 bool(settings.get("teacher_pretrained")), input_size)
+        return TeacherTarget(teacher, mean=mean, std=std, data_mean=data_mean, data_std=data_std,
+                             input_size=input_size, grid=patch_embed.grid_size,
+                             layer=int(settings["teacher_layer"] if settings.get("teacher_layer") is not None else -1),
+                             loss=settings.get("target_loss") or "smooth_l1", label=label, device=device)
+    raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
+def model_kwargs(target) -> dict:
+    """Constructor options of MaskedAutoencoderViT for ``target``: none for pixels (the original layout)."""
+    if target is None:
+        return {}
+    return dict(pred_dim=target.dim, target_loss=target.loss)
+
+
+def build_model_and_target(model_name: str, settings: dict, data_mean, data_std, device="cpu", **model_args):
+    """The MAE model ``model_name`` (``model_args``: img_size, in_chans, norm_pix_loss, ...) and the target
+    generator of ``settings`` fitted to it. The decoder's width follows the target's, so the target is built
+    first, on the patch geometry of an unallocated (meta device) copy of the model. Returns ``(model, target)``,
+    target None for pixels."""
+    from util.runtime import build_model
+
+    if (settings.get("target") or "pixel") in ("pixel", "norm_pixel"):
+        return build_model(model_name, **model_args), None
+    with torch.device("meta"):
+        geometry = build_model(model_name, **model_args)
+    target = build_target(settings, geometry, data_mean, data_std, device)
+    return build_model(model_name, **model_args, **model_kwargs(target)), target
