@@ -65,6 +65,33 @@ def test_launcher_takes_the_programs_flags(program, tmp_path, capsys):
     assert args.output_dir == args.log_dir == str(tmp_path / "j")
 
 
+@pytest.mark.parametrize("program", ["main_pretrain", "main_finetune", "main_linprobe"])
+def test_help_lists_the_slurm_flags_and_says_where_output_goes(program):
+    from util.launcher import build_parser
+
+    parser = build_parser(program)
+    flags = {option for action in parser._actions for option in action.option_strings}
+    for flag in ("--nodes", "--ngpus", "--tasks_per_node", "--cpus_per_task", "--mem_gb", "--timeout", "--partition",
+                 "--account", "--qos", "--constraint", "--exclude", "--comment", "--job_dir", "--dry_run",
+                 "--epochs", "--data_path", "--save_every_iters"):  # the last three: the program's own
+        assert flag in flags
+    text = " ".join(parser.format_help().split())
+    assert f"usage: submitit_{program.removeprefix('main_')}.py" in text
+    # the program's --output_dir/--log_dir/--device/--resume work differently in a job; --help says how
+    assert "--output_dir OUTPUT_DIR not accepted here: checkpoints and log.txt go to --job_dir" in text
+    assert "--device DEVICE cuda or cpu (default: cuda with --ngpus N, cpu with --ngpus 0)" in text
+    assert "resumes from JOB_DIR/checkpoint-last.pth" in text
+
+
+def test_rendezvous_is_the_jobs_first_node(monkeypatch):
+    from util.distributed import slurm_master_addr
+
+    for nodelist, first in (("node7", "node7"), ("gpu[003-005,9],cpu1", "gpu003"),
+                            ("rack1-gpu[12-15]-ib,login", "rack1-gpu12-ib")):
+        monkeypatch.setenv("SLURM_JOB_NODELIST", nodelist)
+        assert slurm_master_addr() == first
+
+
 def test_launcher_rejects_conflicting_flags():
     result = run_program("submitit_pretrain.py", "--ngpus", "0", "--device", "cuda", "--dry_run", timeout=120)
     assert result.returncode == 1
@@ -238,6 +265,9 @@ class Job:
         # and its log line) not at all
         assert odd <= {resumed_at - 1, resumed_at} and len(odd) <= 1 and all(counts[e] <= 2 for e in odd), epochs
         assert set(epochs) <= set(range(self.epochs)), epochs
+        # the tasks stopped with the job are not failures: no error record, no traceback
+        for path in self.dir.glob(f"{self.id}_*_log.*"):
+            assert "triggered an exception" not in path.read_text(), self.logs()
 
 
 @pytest.fixture
@@ -265,7 +295,7 @@ def test_two_task_cpu_pretraining_job(submit_job):
 
 
 def test_preempted_job_requeues_itself_and_resumes(submit_job):
-    job = submit_job(epochs=10)
+    job = submit_job(epochs=12)
     logged_before = len(job.wait_for_epochs(1))
     job.slurm("scancel", "--signal=USR2", job.id)  # what SLURM sends on preemption / near the time limit
     job.requeue_released()
@@ -276,7 +306,7 @@ def test_preempted_job_requeues_itself_and_resumes(submit_job):
 
 
 def test_job_requeued_by_slurm_resumes(submit_job):
-    job = submit_job(epochs=10)
+    job = submit_job(epochs=12)
     logged_before = len(job.wait_for_epochs(1))
     job.slurm("scontrol", "requeue", job.id)  # the tasks are killed; no handler runs
     job.requeue_released()

@@ -41,16 +41,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def first_slurm_host(nodelist: str) -> str:
-    """The first hostname of a SLURM node list such as ``gpu[003-005,9],cpu1`` (-> ``gpu003``)."""
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, _, ranges = match.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+def slurm_master_addr() -> str:
+    """The job's first node (``SLURM_JOB_NODELIST`` such as ``gpu[003-005,9]-ib,cpu1`` -> ``gpu003-ib``).
+
+    submitit, a dependency, already parses SLURM's compressed node lists; plain ``srun`` tasks use it too."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    return SlurmJobEnvironment().hostnames[0]
 
 
 def _slurm_port(job_id: str) -> int:
@@ -68,7 +65,7 @@ def init_distributed_mode(args) -> None:
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         args.gpu = int(env.get("SLURM_LOCALID", 0))
-        env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))))
+        env.setdefault("MASTER_ADDR", slurm_master_addr())
         env.setdefault("MASTER_PORT", str(_slurm_port(env.get("SLURM_JOB_ID", "0"))))
     else:
         args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False

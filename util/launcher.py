@@ -22,12 +22,21 @@ import signal
 import sys
 from pathlib import Path
 
-from util.cli import UsageError, run
+from util.cli import UsageError, _one_line, run
 
 REPO = Path(__file__).resolve().parents[1]
 
 # the original's per-GPU memory request; CPU jobs get the site's default unless --mem_gb says otherwise
 MEM_GB_PER_GPU = 40
+
+# program flags that mean something else in a job: their --help text there
+HELP_IN_JOB = {
+    "output_dir": "not accepted here: checkpoints and log.txt go to --job_dir",
+    "log_dir": "not accepted here: TensorBoard logs go to --job_dir",
+    "device": "cuda or cpu (default: cuda with --ngpus N, cpu with --ngpus 0)",
+    "resume": "start the first run from this checkpoint; every later run resumes from JOB_DIR/checkpoint-last.pth",
+    "auto_resume": "always on: every run of the job resumes from JOB_DIR/checkpoint-last.pth when it exists",
+}
 
 
 def add_slurm_args(parser) -> None:
@@ -56,6 +65,9 @@ def add_slurm_args(parser) -> None:
     g.add_argument("--dry_run", action="store_true", help="print the sbatch script instead of submitting it")
     # the submitting host usually has no GPU: the device follows --ngpus unless given
     parser.set_defaults(device=None, output_dir=None, log_dir=None)
+    # --help must describe these program flags as they behave in a job, not as in a direct run
+    for action in parser._actions:
+        action.help = HELP_IN_JOB.get(action.dest, action.help)
 
 
 def build_parser(program: str):
@@ -201,6 +213,7 @@ class Trainer:
             # --resume only seeds the first run; a requeued one continues from its own checkpoint
             args.resume = ""
         _ignore_in_forked_children(_preempt_signal())
+        stop_signals = _note_stop_signals()
         _threads_from_slurm()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         print(f"job {job_env.job_id}, task {job_env.global_rank} of {job_env.num_tasks} on {job_env.hostname}, "
@@ -210,9 +223,13 @@ class Trainer:
         try:
             module.main(args)
         except Exception as e:
-            # one readable line before submitit's traceback
-            print(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-                  file=sys.stderr, flush=True)
+            if stop_signals and job_env.global_rank != 0:
+                # rank 0 exits after requeueing (or SLURM kills the tasks one by one): this task's collective then
+                # fails. A consequence, not an error: leave no error record or traceback behind
+                _say(f"task {job_env.global_rank}: stopped by SLURM ({stop_signals[0]} received; {_first_line(e)}); "
+                     f"a requeued job resumes from {last}")
+                os._exit(1)
+            _say(f"error: {type(e).__name__}: {_first_line(e)}")  # one readable line before submitit's traceback
             raise
         return args.output_dir
 
@@ -223,6 +240,36 @@ class Trainer:
         import submitit
 
         return submitit.helpers.DelayedSubmission(type(self)(self.program, self.args))
+
+
+def _say(line: str) -> None:
+    # not print(): util.distributed silences it on ranks other than 0
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+
+
+def _first_line(error: Exception) -> str:
+    # util.cli's message, which also unwraps a DataLoader worker's traceback; a log line needs only its start
+    lines = _one_line(error).splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def _note_stop_signals() -> list:
+    """Record the signals by which SLURM stops a job (USR2: preemption or time limit; TERM: requeue, cancel)
+    ahead of submitit's handlers, which keep doing their work. Returns the list that fills up."""
+    received = []
+    for signum in (_preempt_signal(), signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if not callable(handler):  # not under submitit: leave default behaviour alone
+            continue
+
+        def note(num, frame, handler=handler):
+            received.append(signal.Signals(num).name)
+            handler(num, frame)
+
+        signal.signal(signum, note)
+    return received
 
 
 def _preempt_signal():
