@@ -5,8 +5,16 @@
 
 The head is BatchNorm1d (no affine, eps 1e-6) + Linear, trained with LARS; the encoder stays frozen and in eval
 mode. Reads top to bottom: arguments, setup (distributed, data, model, optimizer, resume), the epoch loop.
+
+``--cache_features`` runs the frozen encoder once over the un-augmented training and validation images (the
+evaluation transform) and trains the same head, with the same optimizer and schedule, on the cached features:
+each epoch then costs only the head. The difference from the standard probe is the training augmentation the
+cache leaves out; benchmarks/bench_linprobe.py measures the speedup and the accuracy difference.
 """
 from __future__ import annotations
+
+import argparse
+import time
 
 import torch
 from timm.optim import Lars
@@ -16,8 +24,9 @@ from util import distributed
 from util.amp import GradientUpdater
 from util.checkpoint import load_pretrained, resume_training
 from util.cli import Parser, UsageError, add_classifier_args, add_common_args, run
-from util.datasets import dataset_info
-from util.loader import build_classification_loaders
+from util.amp import autocast
+from util.datasets import build_dataset, build_transform, dataset_info
+from util.loader import build_classification_loaders, build_loader
 from util.logger import tensorboard_writer
 from util.lr_sched import set_effective_lr
 from util.runtime import build_model, count_parameters, setup_run, wrap_model
@@ -29,7 +38,57 @@ def get_args_parser():
     add_classifier_args(parser, global_pool_default=False)
     parser.set_defaults(model="vit_large_patch16", batch_size=512, epochs=90, blr=0.1, weight_decay=0.0, min_lr=0.0,
                         warmup_epochs=10)
+    parser.add_argument("--cache_features", action="store_true",
+                        help="run the frozen encoder once over the un-augmented train and val images and train the "
+                             "head on the cached features (much faster epochs; no training augmentation)")
     return parser
+
+
+@torch.no_grad()
+def extract_features(model, dataset, args, device):
+    """The head's input (pooled, normalised encoder features) for every image of ``dataset`` in order, and the
+    labels, as CPU tensors. Each process encodes its share; the shares are gathered, so all hold everything."""
+    loader = build_loader(dataset, args, train=False, shard_eval=True)  # rank r: images r, r + world, ...
+    model.eval()
+    features, labels = [], []
+    for samples, targets in loader:
+        with autocast(args.amp, device):
+            tokens = model.forward_features(samples.to(device, non_blocking=True))
+            features.append(model.forward_head(tokens, pre_logits=True).float())
+        labels.append(targets.to(device))
+    features, labels = torch.cat(features), torch.cat(labels)
+    world = distributed.get_world_size()
+    if world > 1:
+        gathered = []
+        for local in (features, labels):
+            local = local.to(distributed._collective_device())
+            parts = [torch.empty_like(local) for _ in range(world)]
+            torch.distributed.all_gather(parts, local)
+            gathered.append(merge_shards(parts, len(dataset)))
+        features, labels = gathered
+    return features.cpu(), labels.cpu()
+
+
+def merge_shards(parts, length: int) -> torch.Tensor:
+    """Undo an unshuffled DistributedSampler: process r held items r, r + world, ... of the list padded to a
+    multiple of the world size; interleave the shares back into dataset order and cut the padding off."""
+    return torch.stack(parts, dim=1).flatten(0, 1)[:length]
+
+
+def cached_feature_loaders(model, args, device):
+    """Train and val loaders over the cached features of the un-augmented images (the evaluation transform)."""
+    start = time.time()
+    plain = build_transform("eval", args)
+    train = build_dataset("train", args, plain)
+    if 0 < args.max_train_images < len(train):
+        train = torch.utils.data.Subset(train, range(args.max_train_images))
+    caches = [torch.utils.data.TensorDataset(*extract_features(model, dataset, args, device))
+              for dataset in (train, build_dataset("val", args, plain))]
+    print(f"cached the features of {len(caches[0])} training and {len(caches[1])} validation images "
+          f"({caches[0].tensors[0].shape[1]} per image) in {time.time() - start:.1f} s")
+    in_memory = argparse.Namespace(**{**vars(args), "num_workers": 0, "pin_mem": False})  # no worker processes
+    return (build_loader(caches[0], in_memory, train=True),
+            build_loader(caches[1], in_memory, train=False, shard_eval=args.dist_eval))
 
 
 def lars_param_groups(head, weight_decay):
@@ -63,7 +122,8 @@ def main(args):
     frozen = [module for module in model.children() if module is not model.head]
     print(f"model {args.model}: {count_parameters(model) / 1e6:.3f}M trainable parameters "
           f"(of {count_parameters(model, trainable_only=False) / 1e6:.1f}M)")
-    model_ddp = wrap_model(model, args, device)
+    cache = args.cache_features and not args.eval
+    model_ddp = model.to(device) if cache else wrap_model(model, args, device)
 
     # optimizer: LARS on the trained parts
     set_effective_lr(args, distributed.get_world_size())
@@ -75,11 +135,22 @@ def main(args):
     if args.eval:
         evaluate(data_loader_val, model_ddp, device, args)
         return
+    if cache:  # after resuming: the encoder that encodes is the one the checkpoint holds
+        data_loader_train, data_loader_val = cached_feature_loaders(model, args, device)
+        model_ddp, frozen = wrap_model(model.head, args, device), []  # the only part that runs from now on
 
     # the loop
+    epoch_start = [time.time()]
+
+    def report_epoch_time(epoch):
+        now = time.time()
+        print(f"epoch {epoch} took {now - epoch_start[0]:.2f} s (training, evaluation, checkpoint)")
+        epoch_start[0] = now
+
     fit(args, model, model_ddp, lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y), data_loader_train,
         optimizer, updater, device, data_loader_val=data_loader_val, frozen_modules=frozen,
-        log_writer=tensorboard_writer(args.log_dir), max_accuracy=(checkpoint or {}).get("max_accuracy", 0.0))
+        log_writer=tensorboard_writer(args.log_dir), max_accuracy=(checkpoint or {}).get("max_accuracy", 0.0),
+        on_epoch_end=report_epoch_time)
     distributed.destroy()
 
 

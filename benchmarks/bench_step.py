@@ -1,7 +1,7 @@
 """Training-step benchmark: images/s, FLOPs per step, achieved FLOP/s and its fraction of a matmul peak.
 
     python benchmarks/bench_step.py --model mae_vit_base_patch16 --batch_size 8 --device cpu
-    python benchmarks/bench_step.py --model mae_vit_base_patch16 --batch_size 8 --device cpu --compare_mask_tokens
+    python benchmarks/bench_step.py --model mae_vit_base_patch16 --batch_size 8 --device cpu --profile 2
     python benchmarks/bench_step.py --model mae_vit_large_patch16 --batch_size 64 --device cuda --amp bf16 --compile
 
 One step is what the training programs do per iteration: forward (under autocast), backward, the gradient
@@ -12,17 +12,15 @@ FLOPs of one step are counted once, on the eager model, with ``torch.utils.flop_
 step's compute dtype, timed in the same process on the same device, so the fraction is comparable across
 machines.
 
-``--compare_mask_tokens`` also times the paper's "with [M]" baseline (the encoder sees every patch, removed
-ones replaced by a mask token) and prints MAE's speedup over it.
+The paper's "with [M]" baseline (the encoder sees every patch, removed ones replaced by a mask token) is
+timed too and MAE's speedup over it printed (``--no-compare_mask_tokens`` skips it). ``--profile N``
+prints where the time of N more steps goes, operator by operator (torch.profiler).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 
+from benchmarks.common import cpu_model, machine, write_json  # noqa: E402
 from util.amp import AMP_CHOICES, GradientUpdater, autocast, resolve_amp  # noqa: E402
 from util.runtime import build_model  # noqa: E402
 
@@ -72,8 +71,9 @@ def get_args_parser():
     p.add_argument("--mode", default="pretrain", choices=("pretrain", "finetune", "both"))
     p.add_argument("--mask_ratio", default=0.75, type=float)
     p.add_argument("--norm_pix_loss", action="store_true")
-    p.add_argument("--compare_mask_tokens", action="store_true",
-                   help="also time the 'with [M]' baseline (mask tokens through the encoder) and print the speedup")
+    p.add_argument("--compare_mask_tokens", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the 'with [M]' baseline (mask tokens through the encoder) and print MAE's speedup "
+                        "over it (default: on; --no-compare_mask_tokens to skip)")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of the encoder blocks")
     p.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth of the fine-tuning model")
     p.add_argument("--optimizer", default="auto", choices=("auto", "fused", "foreach", "forloop"),
@@ -86,6 +86,9 @@ def get_args_parser():
     p.add_argument("--peak_reps", default=5, type=int)
     p.add_argument("--threads", default=None, type=int, help="torch.set_num_threads (default: leave as is)")
     p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--profile", default=0, type=int, metavar="N",
+                   help="after timing, profile N more steps of each kind with torch.profiler and print where the "
+                        "time goes: the top operators and the share spent in matmul-class kernels")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
     return p
 
@@ -97,34 +100,21 @@ def synchronize(device: torch.device) -> None:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def environment(device: torch.device) -> dict:
     env = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **machine(),
         "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
         "timm": timm.__version__,
-        "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
-        "cpu_count": os.cpu_count(),
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
         "fused_attn": bool(timm.layers.use_fused_attn()),
     }
-    if hasattr(os, "getloadavg"):  # other processes on the machine change the numbers; say so
-        env["load_average_1min"] = os.getloadavg()[0]
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
@@ -255,6 +245,42 @@ def time_steps(step, device, warmup: int, steps: int, peak: MatmulPeak):
     return times, peaks, losses
 
 
+# operators doing the counted FLOPs (matmuls, convolutions, attention); the rest is memory-bound or overhead
+MATMUL_CLASS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+                "aten::convolution_backward", "aten::cudnn_convolution", "aten::_scaled_dot_product",
+                "aten::_flash_attention", "aten::_efficient_attention", "aten::_cudnn_attention")
+
+
+def profile_steps(step, device: torch.device, steps: int, top: int = 15) -> dict:
+    """Self time per operator over ``steps`` steps (device time on CUDA): where the step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = [(e.key, getattr(e, attr), e.count) for e in prof.key_averages()]
+    total = sum(t for _, t, _ in ops) or 1.0
+    return {
+        "steps": steps,
+        "ms_per_step": total / 1e3 / steps,
+        "matmul_class_share": sum(t for k, t, _ in ops if k.startswith(MATMUL_CLASS)) / total,
+        "top_ops": [{"op": k, "ms_per_step": t / 1e3 / steps, "share": t / total, "calls_per_step": c / steps}
+                    for k, t, c in sorted(ops, key=lambda o: -o[1])[:top]],
+    }
+
+
+def format_profile(kind: str, prof: dict) -> str:
+    lines = [f"profile of '{LABELS[kind]}' ({prof['steps']} steps, {prof['ms_per_step']:.0f} ms of operator self "
+             f"time per step; matmul-class kernels {prof['matmul_class_share']:.1%}):",
+             f"  {'operator':<64}{'ms/step':>9}{'share':>8}{'calls':>7}"]
+    for op in prof["top_ops"]:
+        lines.append(f"  {op['op'][:63]:<64}{op['ms_per_step']:>9.1f}{op['share']:>8.1%}{op['calls_per_step']:>7.0f}")
+    return "\n".join(lines)
+
+
 def bench_one(args, kind: str, device: torch.device, peak: MatmulPeak) -> dict:
     torch.manual_seed(args.seed)
     name, model, imgs, labels = build(args, kind, device)
@@ -298,6 +324,8 @@ def bench_one(args, kind: str, device: torch.device, peak: MatmulPeak) -> dict:
     }
     if device.type == "cuda":
         result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if args.profile:
+        result["profile"] = profile_steps(step, device, args.profile)
     del model, optimizer, forward_module, step, eager
     gc.collect()
     return result
@@ -377,10 +405,10 @@ def main(args) -> dict:
                                / (mae["step_time_s"] * mae["peak_flops_per_s"]),
         }
     print(format_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    for r in report["runs"]:
+        if "profile" in r:
+            print(format_profile(r["kind"], r["profile"]))
+    write_json(report, args.json)
     return report
 
 

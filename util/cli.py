@@ -92,6 +92,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", default=None, choices=AMP_CHOICES,
                    help="mixed precision (default: bf16 on GPUs that support it, none on CPU)")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    g.add_argument("--grad_ckpt", action="store_true",
+                   help="activation checkpointing of the transformer blocks: recompute their activations in the "
+                        "backward pass instead of storing them (less memory for large models, ~1/3 more compute)")
     g.add_argument("--world_size", default=1, type=int, help="set from the environment (torchrun, SLURM)")
     g.add_argument("--local_rank", default=-1, type=int, help="ignored; torchrun's LOCAL_RANK is read instead")
     g.add_argument("--dist_on_itp", action="store_true", help="ignored; kept for the original command lines")

@@ -33,6 +33,11 @@ augmentation: a random crop with reflect padding of ``input_size // 8`` plus a
 horizontal flip (fine-tuning adds RandAugment and RandomErasing when asked).
 Evaluation of small images does no cropping.
 
+The large-image pretraining and linear-probing transforms (``CropFlipNormalize``)
+compute torchvision's RandomResizedCrop / flip / ToTensor / Normalize with the
+same random draws, about twice as fast per loader worker; image files for them
+are decoded straight to tensors (``read_rgb_tensor``). See BENCHMARKS.md.
+
 Every user-facing data problem (missing directory, unreadable image, bad list
 line, truncated idx file, ...) raises ``DataError`` with a one-line message
 that names the offending file, so the programs can print it instead of a
@@ -43,12 +48,14 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import datasets as tv_datasets
+from torchvision import io as tv_io
 from torchvision import transforms
 
 DATASETS = ("imagefolder", "cifar10", "cifar100", "filelist", "fashion_mnist")
@@ -167,21 +174,68 @@ def _large_image_transform(kind, input_size, info, args):
         )
         return _allow_zero_bit_posterize(transform)
     if kind == "pretrain":
-        steps = [
-            transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=bicubic),
-            transforms.RandomHorizontalFlip(),
-        ]
-    elif kind == "linprobe":
-        steps = [
-            transforms.RandomResizedCrop(input_size, interpolation=bicubic),
-            transforms.RandomHorizontalFlip(),
-        ]
-    else:  # eval
-        steps = [
-            transforms.Resize(int(input_size / EVAL_CROP_PCT), interpolation=bicubic),
-            transforms.CenterCrop(input_size),
-        ]
+        return CropFlipNormalize(input_size, scale=(0.2, 1.0), mean=info.mean, std=info.std)
+    if kind == "linprobe":
+        return CropFlipNormalize(input_size, scale=(0.08, 1.0), mean=info.mean, std=info.std)
+    steps = [  # eval
+        transforms.Resize(int(input_size / EVAL_CROP_PCT), interpolation=bicubic),
+        transforms.CenterCrop(input_size),
+    ]
     return transforms.Compose(steps + _to_normalized_tensor(info))
+
+
+class CropFlipNormalize(transforms.Compose):
+    """``RandomResizedCrop(bicubic) -> RandomHorizontalFlip -> ToTensor -> Normalize``, computed in fewer passes.
+
+    ``transforms`` lists torchvision's steps, and they define the result: the same random draws in the same
+    order (crop box, then flip), so a seeded call cuts the same box as ``Compose(self.transforms)``. Only the
+    arithmetic is faster (see BENCHMARKS.md): the box is a view of the decoded uint8 pixels, resized by torch's
+    antialiased bicubic uint8 kernel (PIL's filter, vectorised; pixels within a few grey levels of PIL's) instead
+    of PIL's scalar resampler, and conversion to float and normalisation are one multiply-add on the small
+    result. Input: a uint8 (C, H, W) tensor (what :func:`read_rgb_tensor`, this transform's ``image_loader``,
+    gives) or a PIL 'RGB' / 'L' image; anything else goes through the plain steps.
+    """
+
+    FAST_MODES = ("RGB", "L")
+
+    def __init__(self, size: int, scale, mean, std, ratio=(3.0 / 4.0, 4.0 / 3.0)):
+        crop = transforms.RandomResizedCrop(size, scale=scale, ratio=ratio,
+                                            interpolation=transforms.InterpolationMode.BICUBIC)
+        super().__init__([crop, transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                          transforms.Normalize(mean, std)])
+        # (x / 255 - mean) / std  ==  x * gain + bias
+        std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self._gain = 1.0 / (255.0 * std)
+        self._bias = -torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / std
+
+    @staticmethod
+    def image_loader(path: str):
+        return read_rgb_tensor(path)
+
+    def __call__(self, img):
+        pixels = self._uint8_chw(img)
+        if pixels is None:
+            return super().__call__(img)
+        crop, flip = self.transforms[0], self.transforms[1]
+        top, left, height, width = crop.get_params(pixels, crop.scale, crop.ratio)
+        box = pixels[:, top:top + height, left:left + width].unsqueeze(0)
+        out = torch.nn.functional.interpolate(box, size=crop.size, mode="bicubic", antialias=True)[0]
+        if torch.rand(1) < flip.p:
+            out = out.flip(-1)
+        return torch.addcmul(self._bias, out.to(torch.float32, memory_format=torch.contiguous_format), self._gain)
+
+    def _uint8_chw(self, img):
+        """The pixels as a uint8 (C, H, W) tensor without copying them again, or None for the plain path.
+        From PIL (and from torchvision's JPEG decoder) it is a view of (H, W, C) memory: the channels-last
+        layout that torch's vectorised uint8 resize reads directly."""
+        if isinstance(img, torch.Tensor):
+            return img if img.dtype == torch.uint8 and img.ndim == 3 else None
+        if not isinstance(img, Image.Image) or img.mode not in self.FAST_MODES:
+            return None
+        with warnings.catch_warnings():  # np.asarray's copy is read-only; nothing here writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            pixels = torch.from_numpy(np.asarray(img))
+        return (pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels).permute(2, 0, 1)
 
 
 def _small_image_transform(kind, input_size, info, args):
@@ -309,11 +363,33 @@ def load_rgb_image(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
-            return img.convert("RGB")
+            img.load()
+            # convert() copies even when there is nothing to convert; most photos are RGB already
+            return img if img.mode == "RGB" else img.convert("RGB")
     except UnidentifiedImageError:
         raise DataError(f"cannot read image {path}: not a recognised image format") from None
     except Exception as exc:  # truncated data, bad headers, unreadable file: all the file's fault
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+
+
+def read_rgb_tensor(path: str):
+    """An image file as a uint8 (3, H, W) tensor, decoded by ``torchvision.io`` (libjpeg-turbo, as PIL; for JPEG
+    the tensor is a view of the decoder's (H, W, 3) output, where PIL's ``np.asarray`` copies it once more).
+    What it cannot decode (formats it lacks, 16-bit or animated images, broken files) goes through
+    :func:`load_rgb_image`: PIL's image, or a DataError naming the file. (torchvision 0.29 marks its decoders
+    deprecated in favour of TorchCodec's ``decode_image``, the same call; switch when that is a dependency.)"""
+    try:
+        img = tv_io.decode_image(path, mode=tv_io.ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        return load_rgb_image(path)
+    if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != 3:
+        return load_rgb_image(path)
+    return img
+
+
+def image_loader_for(transform):
+    """The file loader a transform wants: its ``image_loader`` (tensors) when it has one, else PIL RGB."""
+    return getattr(transform, "image_loader", load_rgb_image)
 
 
 def _build_imagefolder(split, args, transform):
@@ -322,7 +398,7 @@ def _build_imagefolder(split, args, transform):
     if not os.path.isdir(split_dir):
         raise DataError(f"no images found in {split_dir}: the directory does not exist; {hint}")
     try:
-        return tv_datasets.ImageFolder(split_dir, transform=transform, loader=load_rgb_image)
+        return tv_datasets.ImageFolder(split_dir, transform=transform, loader=image_loader_for(transform))
     except FileNotFoundError:  # raised by torchvision for no class folders / no images
         raise DataError(f"no images found in {split_dir}: {hint}") from None
 
@@ -367,7 +443,7 @@ class FileListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        img = load_rgb_image(path)
+        img = image_loader_for(self.transform)(path)
         if self.transform is not None:
             img = self.transform(img)
         return img, label

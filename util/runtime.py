@@ -71,10 +71,15 @@ def build_model(name: str, **kwargs) -> torch.nn.Module:
 
 
 def wrap_model(model: torch.nn.Module, args, device: torch.device):
-    """DDP when there are several processes (no ``find_unused_parameters``), then ``torch.compile`` if asked.
+    """Activation checkpointing if ``--grad_ckpt``, DDP when there are several processes (no
+    ``find_unused_parameters``), then ``torch.compile`` if asked.
 
     Returns the module to call in training; save ``model`` itself (the unwrapped one).
     """
+    if getattr(args, "grad_ckpt", False) and hasattr(model, "set_grad_checkpointing"):  # a bare head has no blocks
+        # timm's switch, which both model families have: MAE's encoder blocks (its grad_ckpt option) and a
+        # timm VisionTransformer's blocks; checkpointing changes no parameter, so checkpoints are unaffected
+        model.set_grad_checkpointing(True)
     model.to(device)
     wrapped = model
     if args.distributed:
