@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from benchmarks.common import cpu_model, machine, write_json  # noqa: E402
 from util.amp import AMP_CHOICES, GradientUpdater, autocast, resolve_amp  # noqa: E402
-from util.runtime import build_model  # noqa: E402
+from util.runtime import adamw_implementation, build_model  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -203,10 +203,8 @@ def make_optimizer(model, args, device):
     nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=nwd)
     impl = args.optimizer
-    if impl == "auto":
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        impl = "fused" if device.type in _get_fused_kernels_supported_devices() else "foreach"
+    if impl == "auto":  # what util.runtime.adamw_implementation gives the training programs
+        impl = next(iter(adamw_implementation(device)))
     flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "forloop": dict(foreach=False)}[impl]
     return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **flags), impl
 

@@ -267,3 +267,14 @@ def test_bench_linprobe_command_line(tmp_path):
     assert report["cached"]["feature_extraction_s"] >= 0 and report["standard"]["feature_extraction_s"] is None
     assert report["speedup_per_epoch"] > 0
     assert "--cache_features" in report["cached"]["command"] and "per-epoch speedup" in result.stdout
+
+
+def test_bench_ablations_command_line(tmp_path):
+    out = tmp_path / "ablations.json"
+    result = run_program("benchmarks/bench_ablations.py", "--model", "mae_vit_tiny_patch4", "--input_size", "16",
+                         "--batch_size", "2", "--reps", "2", "--json", out, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6 and all(r["new_ms"] > 0 and r["old_ms"] > 0 for r in rows)
+    assert [r["per_step"] for r in rows[2:4]] == [12, 4]  # attention once per encoder / decoder block
+    assert "decoder unshuffle" in result.stdout

@@ -91,5 +91,14 @@ def wrap_model(model: torch.nn.Module, args, device: torch.device):
     return wrapped
 
 
+def adamw_implementation(device: torch.device) -> dict:
+    """The fastest AdamW torch has for ``device``: the fused kernel where it exists (CUDA, and CPU since torch 2.4;
+    one pass over parameters, gradients and both moments), else the multi-tensor (foreach) one. torch's own default
+    on CPU is the per-parameter for-loop, ~3x slower (benchmarks/bench_ablations.py)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return {"fused": True} if device.type in _get_fused_kernels_supported_devices() else {"foreach": True}
+
+
 def count_parameters(model: torch.nn.Module, trainable_only=True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
