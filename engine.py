@@ -155,11 +155,10 @@ def fit(args, model, model_ddp, loss_fn, data_loader_train, optimizer, updater, 
             if log_writer is not None:
                 for key in ("acc1", "acc5", "loss"):
                     log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
-        # the log line first: a run killed between the two repeats this epoch's line on resume instead of losing it
-        write_log_line(args.output_dir, log_stats)
         last = epoch + 1 == args.epochs
         save_training_state(args, epoch, model, optimizer, updater, keep=epoch % args.save_freq == 0 or last,
                             extra={"max_accuracy": max_accuracy})
+        write_log_line(args.output_dir, log_stats)
         if log_writer is not None:
             log_writer.flush()
         if on_epoch_end is not None:
