@@ -23,7 +23,7 @@ from util.datasets import dataset_info
 from util.loader import build_classification_loaders
 from util.logger import tensorboard_writer
 from util.lr_sched import set_effective_lr
-from util.runtime import build_model, count_parameters, setup_run, wrap_model
+from util.runtime import adamw_implementation, build_model, count_parameters, setup_run, wrap_model
 
 
 def get_args_parser():
@@ -108,7 +108,7 @@ def main(args):
     set_effective_lr(args, distributed.get_world_size())
     param_groups = param_groups_layer_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
                                             layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, **adamw_implementation(device))
     updater = GradientUpdater(args.amp, device)
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()  # the smoothing is in the mixed targets

@@ -28,7 +28,7 @@ from util.loader import build_loader
 from util.logger import tensorboard_writer
 from util.lr_sched import set_effective_lr
 from util.visualize import build_reconstruction_logger, plot_loss_curve
-from util.runtime import build_model, count_parameters, setup_run, wrap_model
+from util.runtime import adamw_implementation, build_model, count_parameters, setup_run, wrap_model
 from util.targets import TARGETS, TEACHER_LOSSES, build_model_and_target, resolve_target_args
 
 
@@ -105,7 +105,7 @@ def main(args):
     set_effective_lr(args, distributed.get_world_size())
     # no weight decay on norms, biases, position tables and tokens
     param_groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay())
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **adamw_implementation(device))
     updater = GradientUpdater(args.amp, device)
     resumed = resume_training(args, model, optimizer, updater)
     saved = (resumed or {}).get("args")
