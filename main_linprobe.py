@@ -26,7 +26,7 @@ from util.checkpoint import load_pretrained, resume_training
 from util.cli import Parser, UsageError, add_classifier_args, add_common_args, run
 from util.amp import autocast
 from util.datasets import build_dataset, build_transform, dataset_info
-from util.loader import build_classification_loaders, build_loader
+from util.loader import build_classification_loaders, build_loader, limit_train_images
 from util.logger import tensorboard_writer
 from util.lr_sched import set_effective_lr
 from util.runtime import build_model, count_parameters, setup_run, wrap_model
@@ -79,9 +79,7 @@ def cached_feature_loaders(model, args, device):
     """Train and val loaders over the cached features of the un-augmented images (the evaluation transform)."""
     start = time.time()
     plain = build_transform("eval", args)
-    train = build_dataset("train", args, plain)
-    if 0 < args.max_train_images < len(train):
-        train = torch.utils.data.Subset(train, range(args.max_train_images))
+    train = limit_train_images(build_dataset("train", args, plain), args)
     caches = [torch.utils.data.TensorDataset(*extract_features(model, dataset, args, device))
               for dataset in (train, build_dataset("val", args, plain))]
     print(f"cached the features of {len(caches[0])} training and {len(caches[1])} validation images "

@@ -24,14 +24,21 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start_index
 
 
+def limit_train_images(dataset, args):
+    """``--max_train_images N``: quick runs on a fixed subset, the first N images of the training split."""
+    limit = getattr(args, "max_train_images", 0)
+    if limit and limit < len(dataset):
+        return torch.utils.data.Subset(dataset, range(limit))
+    return dataset
+
+
 def build_loader(dataset, args, train: bool, shard_eval: bool = False) -> DataLoader:
     """Training: shuffled per epoch (``sampler.set_epoch``) from ``args.seed``, incomplete last batch dropped.
     Evaluation: in order; with ``shard_eval`` each rank sees a 1/world share (padded to equal length by the
     sampler, as the original's --dist_eval), else every rank sees everything."""
     world, rank = distributed.get_world_size(), distributed.get_rank()
-    limit = getattr(args, "max_train_images", 0) if train else 0
-    if limit and limit < len(dataset):  # quick runs on a fixed subset (the first images of the split)
-        dataset = torch.utils.data.Subset(dataset, range(limit))
+    if train:
+        dataset = limit_train_images(dataset, args)
     if train:
         sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     elif shard_eval:
