@@ -2,6 +2,7 @@
 import argparse
 import os
 import pickle
+import stat
 
 import pytest
 import timm
@@ -155,3 +156,14 @@ def test_save_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
         save_atomic({"epoch": 2, "bad": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]  # no temporary left behind
+
+
+def test_save_atomic_gives_the_mode_a_plain_open_would(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_atomic({"epoch": 1}, tmp_path / "ckpt.pth")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "ckpt.pth").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o644

@@ -70,6 +70,12 @@ def model_state_dict(checkpoint: dict, path="checkpoint") -> dict:
     return out
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
 def save_atomic(obj, path) -> None:
     """``torch.save`` to a temporary file in the same directory, then rename: a crash mid-write never
     leaves a truncated file where the last good checkpoint was."""
@@ -81,6 +87,9 @@ def save_atomic(obj, path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file owner-only (0600); give it the mode a plain open() would, so a
+        # checkpoint is as readable by the user's group as the logs and figures next to it
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
