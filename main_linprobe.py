@@ -41,6 +41,9 @@ def get_args_parser():
     parser.add_argument("--cache_features", action="store_true",
                         help="run the frozen encoder once over the un-augmented train and val images and train the "
                              "head on the cached features (much faster epochs; no training augmentation)")
+    parser.epilog = ("The head is trained with timm's Lars (trust coefficient 0.001, momentum 0.9). With the default "
+                     "--weight_decay 0 it is the original's LARS; with weight decay it differs slightly: timm "
+                     "divides by |g| + wd|w| where the original divided by |g + wd*w|.")
     return parser
 
 
@@ -91,7 +94,9 @@ def cached_feature_loaders(model, args, device):
 
 def lars_param_groups(head, weight_decay):
     """The original LARS rule: weights are decayed and trust-ratio adapted (even with no weight decay);
-    biases and other 1-D parameters are neither. timm's Lars adapts per group with ``always_adapt``."""
+    biases and other 1-D parameters are neither. timm's Lars adapts per group with ``always_adapt``.
+    Its trust ratio equals the original's at weight decay 0 (the recipe's); with decay timm's denominator
+    is |g| + wd|w| instead of |g + wd*w| (see the epilog of --help)."""
     matrices = [p for p in head.parameters() if p.requires_grad and p.ndim > 1]
     vectors = [p for p in head.parameters() if p.requires_grad and p.ndim <= 1]
     return [dict(params=matrices, weight_decay=weight_decay, always_adapt=True),

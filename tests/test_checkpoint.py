@@ -167,3 +167,16 @@ def test_save_atomic_gives_the_mode_a_plain_open_would(tmp_path):
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "ckpt.pth").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o644
+
+
+def test_namespace_args_load_on_torch_2_4_without_the_safe_globals_context(tmp_path, monkeypatch):
+    """torch 2.4 has only the process-wide ``add_safe_globals``; the loader must use it there."""
+    before = list(torch.serialization.get_safe_globals())
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    save_original_style(tmp_path / "orig.pth", mae().state_dict())
+    try:
+        assert load_checkpoint_file(tmp_path / "orig.pth")["args"].lr == 1e-3
+        assert argparse.Namespace in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)

@@ -173,3 +173,13 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_checkpoi
     assert kept["epoch"] == 0
     assert all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
     assert [line["epoch"] for line in log_lines(out)] == [0]
+
+
+def test_total_norm_is_the_same_with_and_without_torch_get_total_norm(monkeypatch):
+    from util.amp import total_norm
+
+    tensors = [torch.randn(3, 4), torch.randn(7), torch.randn(2, 2, 2)]
+    expected = torch.cat([t.flatten() for t in tensors]).norm()
+    assert torch.allclose(total_norm(tensors), expected)
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)  # torch < 2.6
+    assert torch.allclose(total_norm(tensors), expected)

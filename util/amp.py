@@ -57,7 +57,7 @@ class GradientUpdater:
         if clip_grad is not None:
             norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+            norm = total_norm([p.grad for p in parameters])
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -71,3 +71,11 @@ class GradientUpdater:
     def load_state_dict(self, state):
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+def total_norm(tensors) -> torch.Tensor:
+    """The L2 norm of all ``tensors`` together, left on the device (no host synchronisation)."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: foreach kernels
+    if get_total_norm is not None:
+        return get_total_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))

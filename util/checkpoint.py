@@ -9,6 +9,7 @@ ever runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -30,6 +31,16 @@ _POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
 CLASSIFIER_NEW_KEYS = ("head.", "fc_norm.")
 
 
+def _namespace_allowed():
+    """``argparse.Namespace`` allow-listed for ``weights_only`` loading: only while loading where torch has the
+    context manager (2.5 and later), for the whole process on torch 2.4."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is not None:
+        return safe_globals([argparse.Namespace])
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    return contextlib.nullcontext()
+
+
 def load_checkpoint_file(path) -> dict:
     """Read a checkpoint (local path, or http(s) URL when online) without running pickled code."""
     path = str(path)
@@ -44,7 +55,7 @@ def load_checkpoint_file(path) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with _namespace_allowed():
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for refused globals, others for corrupt files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
