@@ -183,3 +183,30 @@ def test_total_norm_is_the_same_with_and_without_torch_get_total_norm(monkeypatc
     assert torch.allclose(total_norm(tensors), expected)
     monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)  # torch < 2.6
     assert torch.allclose(total_norm(tensors), expected)
+
+
+def test_torchrun_two_nodes_static_rendezvous(imagefolder, tmp_path):
+    """Multi-node as users launch it: one torchrun per node, --nnodes 2 --node_rank K --master_addr/--master_port
+    (both "nodes" on this host, one process each): one log and one set of checkpoints, from global rank 0."""
+    import os
+    import socket
+    import subprocess
+
+    from conftest import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               "main_pretrain.py", *tiny_pretrain_argv(imagefolder, out)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "rank 0/2, gloo" in outputs[0] and "rank 1/2, gloo" in outputs[1]
+    assert "Averaged stats" in outputs[0] and "Averaged stats" not in outputs[1]  # only global rank 0 prints
+    assert [line["epoch"] for line in log_lines(out)] == [0, 1]
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["args"]["world_size"] == 2
