@@ -81,7 +81,7 @@ def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, updat
 def _stop_if_not_finite(first_bad_step: torch.Tensor, epoch: int, args) -> None:
     bad = first_bad_step.clone()
     if distributed.is_dist():  # every rank stops together
-        bad = bad.to(distributed._collective_device())
+        bad = bad.to(distributed.collective_device())
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     step = int(bad.item())
     if step >= 0:
@@ -109,7 +109,7 @@ def evaluate(data_loader, model, device, args):
         totals += torch.stack([criterion(output, targets).double(), correct[:, :1].sum().double(),
                                correct[:, :k].sum().double(), torch.tensor(len(targets), dtype=torch.float64, device=device)])
     if isinstance(data_loader.sampler, torch.utils.data.DistributedSampler) and distributed.is_dist():
-        totals = totals.to(distributed._collective_device())
+        totals = totals.to(distributed.collective_device())
         torch.distributed.all_reduce(totals)
     loss, top1, top5, count = totals.tolist()
     stats = {"loss": loss / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count}

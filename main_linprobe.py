@@ -64,7 +64,7 @@ def extract_features(model, dataset, args, device):
     if world > 1:
         gathered = []
         for local in (features, labels):
-            local = local.to(distributed._collective_device())
+            local = local.to(distributed.collective_device())
             parts = [torch.empty_like(local) for _ in range(world)]
             torch.distributed.all_gather(parts, local)
             gathered.append(merge_shards(parts, len(dataset)))

@@ -111,7 +111,7 @@ def all_reduce_mean(value: float) -> float:
     """Mean of a Python number over all ranks (one collective; call once per epoch, not per step)."""
     if not is_dist():
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return (t / get_world_size()).item()
 
@@ -130,7 +130,8 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
+    """Where tensors must live for a collective of the current process group (nccl: this GPU; gloo: CPU)."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -50,7 +50,7 @@ class Meter:
         if not distributed.is_dist():
             return
         t = torch.tensor([_to_float(self.total), self.count], dtype=torch.float64,
-                         device=distributed._collective_device())
+                         device=distributed.collective_device())
         distributed.all_reduce_sum_(t)
         self.total, self.count = t[0].item(), int(t[1].item())
 
