@@ -41,6 +41,9 @@ def get_args_parser():
     parser.add_argument("--cache_features", action="store_true",
                         help="run the frozen encoder once over the un-augmented train and val images and train the "
                              "head on the cached features (much faster epochs; no training augmentation)")
+    parser.add_argument("--no_train_augmentation", action="store_true",
+                        help="train the head on the evaluation transform (no random crop or flip), the images "
+                             "--cache_features encodes: the standard probe that the cached one reproduces")
     parser.epilog = ("The head is trained with timm's Lars (trust coefficient 0.001, momentum 0.9). With the default "
                      "--weight_decay 0 it is the original's LARS; with weight decay it differs slightly: timm "
                      "divides by |g| + wd|w| where the original divided by |g + wd*w|.")
@@ -109,7 +112,8 @@ def main(args):
     device = setup_run(args)
 
     # data
-    data_loader_train, data_loader_val = build_classification_loaders(args, "linprobe")
+    train_kind = "eval" if args.no_train_augmentation else "linprobe"
+    data_loader_train, data_loader_val = build_classification_loaders(args, train_kind)
 
     # model: pretrained encoder, frozen; new head = BatchNorm (no affine) + Linear
     model = build_model(args.model, img_size=args.input_size, in_chans=dataset_info(args).in_chans,

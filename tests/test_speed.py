@@ -262,8 +262,10 @@ def test_bench_linprobe_command_line(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert os.path.isfile(report["checkpoint"])
-    for name in ("standard", "cached"):
+    for name in ("standard", "cached", "unaugmented"):
         assert len(report[name]["epoch_times_s"]) == 2 and 0 <= report[name]["top1"] <= 100
+    assert "--no_train_augmentation" in report["unaugmented"]["command"]
+    assert report["top1_difference_unaugmented"] == report["cached"]["top1"] - report["unaugmented"]["top1"]
     assert report["cached"]["feature_extraction_s"] >= 0 and report["standard"]["feature_extraction_s"] is None
     assert report["speedup_per_epoch"] > 0
     assert "--cache_features" in report["cached"]["command"] and "per-epoch speedup" in result.stdout
@@ -278,3 +280,21 @@ def test_bench_ablations_command_line(tmp_path):
     assert len(rows) == 6 and all(r["new_ms"] > 0 and r["old_ms"] > 0 for r in rows)
     assert [r["per_step"] for r in rows[2:4]] == [12, 4]  # attention once per encoder / decoder block
     assert "decoder unshuffle" in result.stdout
+
+
+def test_cached_probe_reproduces_the_standard_probe_without_augmentation(imagefolder, tmp_path):
+    """Same images (the evaluation transform), same order, same head: only where the features come from differs."""
+    logs = {}
+    for name, flag in (("standard", "--no_train_augmentation"), ("cached", "--cache_features")):
+        out = tmp_path / name
+        argv = ["--model", "vit_tiny_patch4", "--input_size", "32", "--data_path", str(imagefolder),
+                "--nb_classes", "2", "--epochs", "3", "--batch_size", "4", "--device", "cpu", "--num_workers", "0",
+                "--blr", "5.0", "--warmup_epochs", "0", "--seed", "3", "--output_dir", str(out), "--log_dir", "",
+                flag]
+        main_linprobe.main(main_linprobe.get_args_parser().parse_args(argv))
+        logs[name] = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    for standard, cached in zip(logs["standard"], logs["cached"]):
+        assert cached["train_loss"] == pytest.approx(standard["train_loss"], abs=1e-5)
+        assert cached["test_loss"] == pytest.approx(standard["test_loss"], abs=1e-5)
+        assert cached["test_acc1"] == standard["test_acc1"]
+    assert logs["standard"][0]["train_loss"] != logs["standard"][-1]["train_loss"]  # the head did learn
