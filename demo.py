@@ -21,13 +21,13 @@ import os
 import shlex
 import time
 
-import torch
 
 import main_finetune
 import main_linprobe
 import main_pretrain
-from util.cli import Parser, UsageError, run
+from util.cli import Parser, default_device, run
 from util.datasets import DEBIAN_FASHION_MNIST_DIR
+from util.logger import final_test_accuracy
 
 
 def get_args_parser():
@@ -38,7 +38,7 @@ def get_args_parser():
                    help="directory with Fashion-MNIST's idx files (Debian: apt-get install dataset-fashion-mnist)")
     g.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision (needs internet)")
     g.add_argument("--output_dir", default="demo_output", help="one sub-directory per stage, plus results.md/json")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default=default_device())
     g.add_argument("--num_workers", default=1, type=int)
     g.add_argument("--seed", default=0, type=int)
     g = parser.add_argument_group("budget (defaults: about 10 minutes on 2 CPU cores)")
@@ -104,18 +104,6 @@ def stage_commands(args) -> dict[str, tuple[object, list[str]]]:
     return stages
 
 
-def final_accuracy(log_path: str) -> float:
-    """Top-1 test accuracy of the last epoch in a program's log.txt (the last epoch, not the best: picking the
-    best epoch on the test set would flatter every row)."""
-    accuracy = None
-    with open(log_path) as f:
-        for line in f:
-            accuracy = json.loads(line).get("test_acc1", accuracy)
-    if accuracy is None:
-        raise UsageError(f"{log_path}: no test accuracy logged")
-    return float(accuracy)
-
-
 def results_table(acc: dict[str, float]) -> str:
     rows = [("MAE pretrained", "pretrained"), ("random init", "random")]
     lines = ["| encoder | linear probe | fine-tune |", "|---|---:|---:|"]
@@ -135,7 +123,7 @@ def main(args):
         program.main(program.get_args_parser().parse_args(argv))
         seconds[name] = time.perf_counter() - start
         if name != "pretrain":
-            accuracy[name] = final_accuracy(os.path.join(args.output_dir, name, "log.txt"))
+            accuracy[name] = final_test_accuracy(os.path.join(args.output_dir, name, "log.txt"))
         print(f"=== {name}: {seconds[name]:.0f} s", flush=True)
 
     table = results_table(accuracy)

@@ -21,7 +21,6 @@ epoch: choosing epochs on the test set would flatter both).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -35,13 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # flat layout: the repository root holds the modules
 
 from benchmarks.common import cpu_model, machine, write_json  # noqa: E402
-
-DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+from util.datasets import DEBIAN_FASHION_MNIST_DIR  # noqa: E402
+from util.logger import final_test_accuracy  # noqa: E402
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("MAE linear-probe benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_path", default=DEBIAN_FASHION_MNIST, help="Fashion-MNIST's idx files")
+    p.add_argument("--data_path", default=DEBIAN_FASHION_MNIST_DIR, help="Fashion-MNIST's idx files")
     p.add_argument("--checkpoint", default="", help="an MAE checkpoint to probe (default: pretrain one first)")
     p.add_argument("--pretrain_images", default=20000, type=int, help="first N training images for pretraining")
     p.add_argument("--pretrain_epochs", default=2, type=int)
@@ -80,11 +79,6 @@ def run(program: str, argv: list[str], env: dict) -> tuple[str, float]:
     return result.stdout, wall
 
 
-def final_accuracy(log_txt: Path) -> float:
-    lines = [json.loads(line) for line in log_txt.read_text().splitlines() if line.strip()]
-    return lines[-1]["test_acc1"]
-
-
 def probe_run(args, name: str, checkpoint: str, out: Path, env: dict, extra=()) -> dict:
     run_dir = out / name
     argv = ["--dataset", "fashion_mnist", "--data_path", args.data_path, "--input_size", "28",
@@ -102,7 +96,7 @@ def probe_run(args, name: str, checkpoint: str, out: Path, env: dict, extra=()) 
         "epoch_time_s": statistics.median(epochs),
         "feature_extraction_s": float(cached.group(1)) if cached else None,
         "wall_s": wall,
-        "top1": final_accuracy(run_dir / "log.txt"),
+        "top1": final_test_accuracy(run_dir / "log.txt"),
     }
 
 

@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from benchmarks.common import cpu_model, machine, write_json  # noqa: E402
 from util.amp import AMP_CHOICES, GradientUpdater, autocast, resolve_amp  # noqa: E402
+from util.cli import default_device  # noqa: E402
 from util.runtime import adamw_implementation, build_model  # noqa: E402
 
 aten = torch.ops.aten
@@ -67,7 +68,7 @@ def get_args_parser():
     p.add_argument("--amp", default=None, choices=AMP_CHOICES,
                    help="autocast dtype (default: bf16 on GPUs that support it, none on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (the optimizer stays eager)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--mode", default="pretrain", choices=("pretrain", "finetune", "both"))
     p.add_argument("--mask_ratio", default=0.75, type=float)
     p.add_argument("--norm_pix_loss", action="store_true")

@@ -39,7 +39,6 @@ def build_loader(dataset, args, train: bool, shard_eval: bool = False) -> DataLo
     world, rank = distributed.get_world_size(), distributed.get_rank()
     if train:
         dataset = limit_train_images(dataset, args)
-    if train:
         sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     elif shard_eval:
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
