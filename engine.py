@@ -15,7 +15,7 @@ import torch
 
 from util import distributed, lr_sched
 from util.amp import autocast
-from util.cli import NonFiniteLossError
+from util.errors import UserError
 from util.logger import MetricLogger
 
 
@@ -24,7 +24,7 @@ def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, updat
     """Train ``model`` for one epoch; return the epoch's mean of each logged value over all processes.
 
     ``loss_fn(model, samples, targets) -> loss`` runs under autocast. ``frozen_modules`` stay in eval mode
-    (a linear probe's encoder). A non-finite loss raises ``NonFiniteLossError`` naming the epoch and step.
+    (a linear probe's encoder). A non-finite loss raises ``UserError`` naming the epoch and step.
     ``start_step`` > 0 continues an epoch whose first steps a mid-epoch checkpoint already holds (the loader's
     sampler skips them); ``on_update(step)`` runs after each optimizer step.
     """
@@ -86,7 +86,7 @@ def _stop_if_not_finite(first_bad_step: torch.Tensor, epoch: int, args) -> None:
     step = int(bad.item())
     if step >= 0:
         where = f"{args.output_dir}/checkpoint-last.pth" if args.output_dir else "none (no --output_dir)"
-        raise NonFiniteLossError(
+        raise UserError(
             f"loss is not finite at epoch {epoch}, step {step}; stopping. The last good checkpoint is kept: {where}"
         )
 

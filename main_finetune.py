@@ -18,7 +18,8 @@ from engine import evaluate, fit
 from util import distributed
 from util.amp import GradientUpdater
 from util.checkpoint import load_pretrained, resume_training
-from util.cli import Parser, UsageError, add_classifier_args, add_common_args, run
+from util.cli import Parser, add_classifier_args, add_common_args, run
+from util.errors import UserError
 from util.datasets import dataset_info
 from util.loader import build_classification_loaders
 from util.logger import tensorboard_writer
@@ -61,7 +62,7 @@ def freeze_all_but_last_blocks(model, k):
     """Partial fine-tuning: only the last ``k`` blocks, the norms after them and the head learn.
     Returns the frozen modules, which also stay in eval mode (no drop path in them)."""
     if not 0 <= k <= len(model.blocks):
-        raise UsageError(f"--trainable_blocks must be between 0 and {len(model.blocks)}, got {k}")
+        raise UserError(f"--trainable_blocks must be between 0 and {len(model.blocks)}, got {k}")
     first_trained = len(model.blocks) - k
     frozen = [model.patch_embed, *model.blocks[:first_trained]]
     for module in frozen:
@@ -81,7 +82,7 @@ def classification_loss(mixup_fn, criterion):
 
 def main(args):
     if args.eval and not args.resume:
-        raise UsageError("--eval evaluates the checkpoint given with --resume")
+        raise UserError("--eval evaluates the checkpoint given with --resume")
     device = setup_run(args)
 
     # data
@@ -89,7 +90,7 @@ def main(args):
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         if args.batch_size % 2:
-            raise UsageError(f"mixup/cutmix mixes pairs of images: --batch_size must be even, got {args.batch_size}")
+            raise UserError(f"mixup/cutmix mixes pairs of images: --batch_size must be even, got {args.batch_size}")
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=args.nb_classes)

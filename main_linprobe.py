@@ -23,7 +23,8 @@ from engine import evaluate, fit
 from util import distributed
 from util.amp import GradientUpdater
 from util.checkpoint import load_pretrained, resume_training
-from util.cli import Parser, UsageError, add_classifier_args, add_common_args, run
+from util.cli import Parser, add_classifier_args, add_common_args, run
+from util.errors import UserError
 from util.amp import autocast
 from util.datasets import build_dataset, build_transform, dataset_info
 from util.loader import build_classification_loaders, build_loader, limit_train_images
@@ -108,7 +109,7 @@ def lars_param_groups(head, weight_decay):
 
 def main(args):
     if args.eval and not args.resume:
-        raise UsageError("--eval evaluates the checkpoint given with --resume")
+        raise UserError("--eval evaluates the checkpoint given with --resume")
     device = setup_run(args)
 
     # data

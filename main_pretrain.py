@@ -22,7 +22,8 @@ from engine import fit
 from util import distributed
 from util.amp import GradientUpdater
 from util.checkpoint import resume_training
-from util.cli import Parser, UsageError, add_common_args, run
+from util.cli import Parser, add_common_args, run
+from util.errors import UserError
 from util.datasets import build_dataset, build_transform, dataset_info
 from util.loader import build_loader
 from util.logger import tensorboard_writer
@@ -83,7 +84,7 @@ def pretrain_loss(mask_ratio, target=None):
 
 def main(args):
     if not 0.0 <= args.mask_ratio < 1.0:
-        raise UsageError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+        raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     resolve_target_args(args)
     device = setup_run(args)
 
@@ -111,7 +112,7 @@ def main(args):
     saved = (resumed or {}).get("args")
     saved_target = saved.get("target") if isinstance(saved, dict) else None  # None: written before targets existed
     if saved_target and saved_target != args.target:
-        raise UsageError(f"the checkpoint to resume was pretrained with --target {saved_target}, this run asks for "
+        raise UserError(f"the checkpoint to resume was pretrained with --target {saved_target}, this run asks for "
                          f"--target {args.target}; keep the target or start in a new --output_dir")
 
     log_writer = tensorboard_writer(args.log_dir)

@@ -27,8 +27,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from util.checkpoint import CheckpointError, load_checkpoint_file, load_pretrained, model_state_dict
-from util.cli import Parser, UsageError, default_device, run
+from util.checkpoint import load_checkpoint_file, load_pretrained, model_state_dict
+from util.errors import UserError
+from util.cli import Parser, default_device, run
 from util.datasets import DATASETS, dataset_info, load_rgb_image
 from util.targets import build_model_and_target
 from util.visualize import (NORM_PIX_NOTE, SIMILARITY_NOTE, compare_with_target, fixed_noise, reconstruct,
@@ -94,12 +95,12 @@ def collect_image_paths(specs, max_images: int = 0) -> list:
             if not found:
                 folders = sorted(n for n in os.listdir(spec) if os.path.isdir(os.path.join(spec, n)))
                 hint = f"; it has sub-folders: pass those, e.g. {os.path.join(spec, folders[0])}" if folders else ""
-                raise UsageError(f"no images found in {spec} (looked for .jpg, .png, ... files directly inside){hint}")
+                raise UserError(f"no images found in {spec} (looked for .jpg, .png, ... files directly inside){hint}")
             paths += found
         elif os.path.isfile(spec):
             paths.append(spec)
         else:
-            raise UsageError(f"image {spec} does not exist")
+            raise UserError(f"image {spec} does not exist")
     if max_images and len(paths) > max_images:
         print(f"note: drawing the first {max_images} of {len(paths)} images (--max_images)")
         paths = paths[:max_images]
@@ -116,7 +117,7 @@ def load_images(paths, input_size: int, in_chans: int, mean, std) -> torch.Tenso
     ])
     images = []
     for path in paths:
-        image = load_rgb_image(path)  # a broken file becomes a DataError naming it
+        image = load_rgb_image(path)  # a broken file becomes a UserError naming it
         images.append(transform(image.convert("L") if in_chans == 1 else image))
     return torch.stack(images)
 
@@ -124,29 +125,29 @@ def load_images(paths, input_size: int, in_chans: int, mean, std) -> torch.Tenso
 def main(args):
     for ratio in args.mask_ratio:
         if not 0.0 <= ratio < 1.0:
-            raise UsageError(f"--mask_ratio must be in [0, 1), got {ratio}")
+            raise UserError(f"--mask_ratio must be in [0, 1), got {ratio}")
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     paths = collect_image_paths(args.images, args.max_images)  # before the (slow) checkpoint load
 
     checkpoint = load_checkpoint_file(args.checkpoint)
     state = model_state_dict(checkpoint, args.checkpoint)
     if not any(key.startswith("decoder_") for key in state):
-        raise CheckpointError(
+        raise UserError(
             f"{args.checkpoint} has no decoder weights (an encoder-only pretraining file such as "
             f"mae_pretrain_vit_base.pth, or a fine-tuned classifier); reconstructions need the decoder: use a "
             f"checkpoint of main_pretrain.py or a released mae_visualize_vit_*.pth / *_full.pth")
     saved = saved_training_args(checkpoint)
     model_name = resolve_setting("model", args.model, saved, None)
     if not model_name:
-        raise UsageError(f"{args.checkpoint} holds no training arguments naming its model; pass --model "
+        raise UserError(f"{args.checkpoint} holds no training arguments naming its model; pass --model "
                          f"(e.g. --model mae_vit_large_patch16 for mae_visualize_vit_large.pth)")
     if not str(model_name).startswith("mae_"):
-        raise UsageError(f"reconstructions need a masked autoencoder (mae_vit_*), not {model_name}")
+        raise UserError(f"reconstructions need a masked autoencoder (mae_vit_*), not {model_name}")
     input_size = int(resolve_setting("input_size", args.input_size, saved, DEFAULT_INPUT_SIZE))
     pixels = saved.get("target") in (None, "pixel", "norm_pixel")
     if not pixels and args.norm_pix_loss is not None:
-        raise UsageError(f"{args.checkpoint} was pretrained with --target {saved['target']}: its decoder predicts no "
+        raise UserError(f"{args.checkpoint} was pretrained with --target {saved['target']}: its decoder predicts no "
                          f"pixels, so --norm_pix_loss / --no_norm_pix_loss do not apply")
     norm_pix = bool(resolve_setting("norm_pix_loss", args.norm_pix_loss, saved, False))
     target_name = ("norm_pixel" if norm_pix else "pixel") if pixels else saved["target"]
@@ -156,7 +157,7 @@ def main(args):
     patch_weight = state.get("patch_embed.proj.weight")
     in_chans = patch_weight.shape[1] if patch_weight is not None else info.in_chans
     if len(info.mean) != in_chans:
-        raise UsageError(f"{args.checkpoint} expects {in_chans}-channel images but --dataset {dataset} has "
+        raise UserError(f"{args.checkpoint} expects {in_chans}-channel images but --dataset {dataset} has "
                          f"{len(info.mean)}-channel statistics; pass --dataset "
                          f"{'fashion_mnist' if in_chans == 1 else 'imagefolder'}")
     if saved.get("norm_pix_loss") is None and args.norm_pix_loss is None and pixels:
@@ -175,9 +176,9 @@ def main(args):
         print(f"target: {target.describe()}")
     if pred_rows is not None and pred_rows != model.decoder_pred.out_features:
         if target is not None:
-            raise CheckpointError(f"{args.checkpoint}: the decoder predicts {pred_rows} values per patch but the "
+            raise UserError(f"{args.checkpoint}: the decoder predicts {pred_rows} values per patch but the "
                                   f"recorded target gives {target.dim} (another teacher or --hog_cell?)")
-        raise CheckpointError(f"{args.checkpoint}: the decoder predicts {pred_rows} values per patch, not the "
+        raise UserError(f"{args.checkpoint}: the decoder predicts {pred_rows} values per patch, not the "
                               f"{model.decoder_pred.out_features} pixel values, and the file does not say which "
                               f"target it was trained for; no reconstruction can be drawn")
     load_pretrained(model, args.checkpoint, log=print)

@@ -10,7 +10,8 @@ import torch
 
 import models_mae  # noqa: F401  (registers the models)
 import models_vit  # noqa: F401
-from util.checkpoint import CheckpointError, load_checkpoint_file, load_pretrained, save_atomic
+from util.checkpoint import load_checkpoint_file, load_pretrained, save_atomic
+from util.errors import UserError
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2)
 SMALL_DEC = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -42,7 +43,7 @@ def test_full_pretraining_file_with_namespace_args_loads_into_the_mae_model(tmp_
 def test_encoder_only_file_into_the_mae_model_says_it_has_no_decoder(tmp_path):
     state = {k: v for k, v in mae().state_dict().items() if not k.startswith(("decoder", "mask_token"))}
     torch.save({"model": state}, tmp_path / "enc.pth")
-    with pytest.raises(CheckpointError, match="no decoder.*") as err:
+    with pytest.raises(UserError, match="no decoder.*") as err:
         load_pretrained(mae(), tmp_path / "enc.pth", log=None)
     assert "mask_token" in str(err.value) and "enc.pth" in str(err.value)
 
@@ -78,7 +79,7 @@ def test_missing_encoder_key_is_an_error_naming_it(tmp_path):
     state = mae().state_dict()
     del state["blocks.1.attn.qkv.weight"]
     torch.save({"model": state}, tmp_path / "broken.pth")
-    with pytest.raises(CheckpointError, match=r"missing keys \[blocks\.1\.attn\.qkv\.weight\]"):
+    with pytest.raises(UserError, match=r"missing keys \[blocks\.1\.attn\.qkv\.weight\]"):
         load_pretrained(vit(num_classes=2), tmp_path / "broken.pth", log=None)
 
 
@@ -86,13 +87,13 @@ def test_unexpected_key_is_an_error_naming_it(tmp_path):
     state = mae().state_dict()
     state["blocks.9.surprise"] = torch.zeros(1)
     torch.save({"model": state}, tmp_path / "odd.pth")
-    with pytest.raises(CheckpointError, match=r"unexpected keys \[blocks\.9\.surprise\]"):
+    with pytest.raises(UserError, match=r"unexpected keys \[blocks\.9\.surprise\]"):
         load_pretrained(mae(), tmp_path / "odd.pth", log=None)
 
 
 def test_shape_mismatch_is_an_error_naming_the_key(tmp_path):
     torch.save({"model": mae(in_chans=1).state_dict()}, tmp_path / "gray.pth")
-    with pytest.raises(CheckpointError, match=r"patch_embed\.proj\.weight: checkpoint \(32, 1, 4, 4\)"):
+    with pytest.raises(UserError, match=r"patch_embed\.proj\.weight: checkpoint \(32, 1, 4, 4\)"):
         load_pretrained(mae(in_chans=3), tmp_path / "gray.pth", log=None)
 
 
@@ -128,7 +129,7 @@ class _Exploit:
 def test_checkpoint_with_malicious_pickle_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"model": {"w": torch.zeros(1)}, "payload": _Exploit(marker)}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match="refused for safety"):
+    with pytest.raises(UserError, match="refused for safety"):
         load_checkpoint_file(tmp_path / "evil.pth")
     assert not marker.exists()
     # the same payload through plain pickle would have run: the test's payload is real
@@ -137,10 +138,10 @@ def test_checkpoint_with_malicious_pickle_is_refused_without_running_it(tmp_path
 
 
 def test_missing_and_corrupt_files_name_the_file(tmp_path):
-    with pytest.raises(CheckpointError, match="nope.pth does not exist"):
+    with pytest.raises(UserError, match="nope.pth does not exist"):
         load_checkpoint_file(tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pth"):
+    with pytest.raises(UserError, match="junk.pth"):
         load_checkpoint_file(tmp_path / "junk.pth")
 
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 from tests import fakedata
 from util import datasets
-from util.datasets import DataError, build_dataset, build_transform, dataset_info
+from util.datasets import build_dataset, build_transform, dataset_info
+from util.errors import UserError
 
 KINDS = ("pretrain", "finetune", "linprobe", "eval")
 
@@ -181,7 +182,7 @@ def test_dataset_info():
         (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 3, 100)
     assert dataset_info(make_args(dataset="imagefolder")).num_classes is None
     assert dataset_info(argparse.Namespace()).in_chans == 3  # minimal Namespace: imagefolder defaults
-    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+    with pytest.raises(UserError, match="unknown dataset 'mnist'"):
         dataset_info(make_args(dataset="mnist"))
 
 
@@ -256,7 +257,7 @@ def test_unknown_transform_kind_or_split():
 
 def test_missing_split_dir_names_directory(tmp_path):
     data_path = fakedata.make_imagefolder(tmp_path, per_class=1, splits=("train",))
-    with pytest.raises(DataError, match=re.escape(f"no images found in {os.path.join(data_path, 'val')}")):
+    with pytest.raises(UserError, match=re.escape(f"no images found in {os.path.join(data_path, 'val')}")):
         build_dataset("val", make_args(data_path=data_path))
 
 
@@ -266,7 +267,7 @@ def test_empty_split_dir_names_directory(tmp_path, layout):
     train_dir.mkdir()
     if layout == "empty class folder":
         (train_dir / "cat").mkdir()
-    with pytest.raises(DataError, match=re.escape(f"no images found in {train_dir}: expected class sub-folders")):
+    with pytest.raises(UserError, match=re.escape(f"no images found in {train_dir}: expected class sub-folders")):
         build_dataset("train", make_args(data_path=str(tmp_path)))
 
 
@@ -276,7 +277,7 @@ def test_corrupt_image_names_file(tmp_path):
     with open(broken, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n this is no longer an image")
     dataset = build_dataset("train", make_args(data_path=data_path))
-    with pytest.raises(DataError, match=re.escape(f"cannot read image {broken}")):
+    with pytest.raises(UserError, match=re.escape(f"cannot read image {broken}")):
         dataset[0]
 
 
@@ -286,7 +287,7 @@ def test_corrupt_image_in_filelist_names_file(tmp_path):
     with open(broken, "wb") as f:
         f.write(b"")
     dataset = build_dataset("train", make_args(dataset="filelist", data_path=data_path))
-    with pytest.raises(DataError, match=re.escape(f"cannot read image {broken}")):
+    with pytest.raises(UserError, match=re.escape(f"cannot read image {broken}")):
         dataset[1]
 
 
@@ -297,24 +298,24 @@ def test_filelist_missing_entry_names_list_line_and_path(tmp_path):
         f.write("images/train/ghost picture.png 1\n")
     line_number = len(open(list_file).read().splitlines())
     expected = f"{list_file}:{line_number}: image {os.path.join(data_path, 'images/train/ghost picture.png')} not found"
-    with pytest.raises(DataError) as error:
+    with pytest.raises(UserError) as error:
         build_dataset("train", make_args(dataset="filelist", data_path=data_path))
     assert str(error.value) == expected
 
 
 def test_filelist_missing_list_file_and_mixed_labels(tmp_path):
     data_path = fakedata.make_filelist(tmp_path, n=2)
-    with pytest.raises(DataError, match="list file .*nope.txt does not exist"):
+    with pytest.raises(UserError, match="list file .*nope.txt does not exist"):
         missing_list = str(tmp_path / "nope.txt")
         build_dataset("train", make_args(dataset="filelist", data_path=data_path, train_list=missing_list))
     mixed = tmp_path / "mixed.txt"
     mixed.write_text("images/train/img_1.png 1\nimages/train/class 0/img 0.png\n")
-    with pytest.raises(DataError, match="mixed.txt:2: line is unlabelled but line 1 is not"):
+    with pytest.raises(UserError, match="mixed.txt:2: line is unlabelled but line 1 is not"):
         build_dataset("train", make_args(dataset="filelist", data_path=data_path, train_list=str(mixed)))
 
 
 def test_fashion_mnist_missing_gives_install_hint(tmp_path, no_debian_fashion_mnist):
-    with pytest.raises(DataError) as error:
+    with pytest.raises(UserError) as error:
         build_dataset("train", make_args(dataset="fashion_mnist", data_path=str(tmp_path), input_size=28))
     message = str(error.value)
     assert "train-images-idx3-ubyte" in message and str(tmp_path) in message
@@ -333,27 +334,27 @@ def test_fashion_mnist_bad_idx_names_file(tmp_path, no_debian_fashion_mnist, dam
         content = content[: len(content) // 2]
     with open(victim, "wb") as f:
         f.write(content)
-    with pytest.raises(DataError, match=re.escape(victim)):
+    with pytest.raises(UserError, match=re.escape(victim)):
         build_dataset("val", make_args(dataset="fashion_mnist", data_path=data_path, input_size=28))
 
 
 def test_fashion_mnist_image_label_count_mismatch(tmp_path, no_debian_fashion_mnist):
     data_path = fakedata.make_fashion_mnist(tmp_path)
     fakedata.write_idx(os.path.join(data_path, "t10k-labels-idx1-ubyte"), np.zeros(3, dtype=np.uint8))
-    with pytest.raises(DataError, match="has 16 images but .*t10k-labels-idx1-ubyte has 3 labels"):
+    with pytest.raises(UserError, match="has 16 images but .*t10k-labels-idx1-ubyte has 3 labels"):
         build_dataset("val", make_args(dataset="fashion_mnist", data_path=data_path, input_size=28))
 
 
 def test_cifar_missing_without_download_says_pass_download(tmp_path):
     expected_dir = tmp_path / "cifar-10-batches-py"
-    with pytest.raises(DataError, match=re.escape(f"expected torchvision's files in {expected_dir}") + ".*--download"):
+    with pytest.raises(UserError, match=re.escape(f"expected torchvision's files in {expected_dir}") + ".*--download"):
         build_dataset("train", make_args(dataset="cifar10", data_path=str(tmp_path)))
 
 
 def test_cifar_files_failing_md5_are_reported_as_corrupted(tmp_path):
     """Without the test-only md5 bypass, generated files are exactly what a corrupted download looks like."""
     data_path = fakedata.make_cifar(tmp_path, "cifar100", n_train=2, n_test=2)
-    with pytest.raises(DataError, match="cifar-100-python are missing or corrupted"):
+    with pytest.raises(UserError, match="cifar-100-python are missing or corrupted"):
         build_dataset("train", make_args(dataset="cifar100", data_path=data_path))
 
 
@@ -364,7 +365,7 @@ def test_idx_reader_round_trip(tmp_path):
         assert np.array_equal(datasets.read_idx(str(tmp_path / name), expected_ndim=3), array)
     with gzip.open(tmp_path / "x-idx3-ubyte.gz", "rb") as f:
         assert f.read(4) == b"\x00\x00\x08\x03"
-    with pytest.raises(DataError, match="not an idx file of 1-D"):
+    with pytest.raises(UserError, match="not an idx file of 1-D"):
         datasets.read_idx(str(tmp_path / "x-idx3-ubyte"), expected_ndim=1)
 
 

@@ -96,14 +96,14 @@ def test_launcher_rejects_conflicting_flags():
     result = run_program("submitit_pretrain.py", "--ngpus", "0", "--device", "cuda", "--dry_run", timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --ngpus 0 runs on CPU: drop --device cuda, or ask for GPUs with --ngpus N"
-    from util.cli import UsageError
+    from util.errors import UserError
     from util.launcher import build_parser, resolve_args
 
     parser = build_parser("main_pretrain")
     for argv, message in ((["--output_dir", "x"], "everything goes to --job_dir"),
                           (["--ngpus", "2", "--tasks_per_node", "4"], "each process needs its own GPU"),
                           (["--nodes", "0"], "--nodes must be at least 1")):
-        with pytest.raises(UsageError, match=message):
+        with pytest.raises(UserError, match=message):
             resolve_args(parser.parse_args(argv))
 
 

@@ -21,7 +21,8 @@ import models_mae
 import models_vit  # noqa: F401
 from conftest import run_program, tiny_pretrain_argv
 from util import datasets
-from util.datasets import CropFlipNormalize, DataError, build_dataset, build_transform, read_rgb_tensor
+from util.datasets import CropFlipNormalize, build_dataset, build_transform, read_rgb_tensor
+from util.errors import UserError
 from util.runtime import wrap_model
 
 STD = torch.tensor(datasets.IMAGENET_STD).view(-1, 1, 1)
@@ -137,7 +138,7 @@ def test_read_rgb_tensor_decodes_like_pil_and_names_broken_files(tmp_path):
     assert torch.equal(read_rgb_tensor(str(tmp_path / "alpha.png")), torch.from_numpy(np.array(photo)).permute(2, 0, 1))
     broken = tmp_path / "broken.jpg"
     broken.write_bytes((tmp_path / "a.jpg").read_bytes()[:300])
-    with pytest.raises(DataError, match=f"cannot read image {broken}"):
+    with pytest.raises(UserError, match=f"cannot read image {broken}"):
         read_rgb_tensor(str(broken))
 
 

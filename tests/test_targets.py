@@ -14,8 +14,7 @@ import main_finetune
 import main_pretrain
 import models_mae
 from conftest import run_program, tiny_pretrain_argv
-from util.cli import UsageError
-from util.checkpoint import CheckpointError
+from util.errors import UserError
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.runtime import build_model
 from util.targets import (HOG_BINS, HOGTarget, TeacherTarget, build_model_and_target, build_target, hog_histograms,
@@ -76,7 +75,7 @@ def test_hog_target_dimensions(patch, cell, chans, dim):
 def test_default_cell_is_half_the_patch_and_bad_cells_are_refused():
     assert HOGTarget(16, 3).cell == 8 and HOGTarget(16, 3).dim == 108
     assert HOGTarget(4, 1).cell == 2
-    with pytest.raises(UsageError, match="--hog_cell 3 must divide the patch size 4"):
+    with pytest.raises(UserError, match="--hog_cell 3 must divide the patch size 4"):
         HOGTarget(4, 1, 3)
 
 
@@ -196,7 +195,7 @@ def test_teacher_layer_is_chosen_and_checked(timm_teacher_file):
     assert not torch.allclose(first(imgs), last(imgs))
     assert torch.allclose(build_target(teacher_settings(timm_teacher_file, teacher_layer=5), student, IMAGENET_MEAN,
                                        IMAGENET_STD)(imgs), last(imgs))  # test_vit has 6 blocks: 5 is -1
-    with pytest.raises(UsageError, match="--teacher_layer 6"):
+    with pytest.raises(UserError, match="--teacher_layer 6"):
         build_target(teacher_settings(timm_teacher_file, teacher_layer=6), student, IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -245,16 +244,16 @@ def test_teacher_from_one_of_our_mae_checkpoints_is_its_encoder(tmp_path):
 
 def test_teacher_errors_are_one_clear_line(tmp_path, timm_teacher_file):
     student = tiny_student()
-    with pytest.raises(UsageError, match="needs --teacher_checkpoint"):
+    with pytest.raises(UserError, match="needs --teacher_checkpoint"):
         build_target({"target": "teacher", "teacher_model": "test_vit"}, student, IMAGENET_MEAN, IMAGENET_STD)
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         build_target(teacher_settings(tmp_path / "gone.pth"), student, IMAGENET_MEAN, IMAGENET_STD)
-    with pytest.raises(CheckpointError, match="does not fit the teacher test_vit2"):
+    with pytest.raises(UserError, match="does not fit the teacher test_vit2"):
         build_target(teacher_settings(timm_teacher_file, teacher_model="test_vit2"), student, IMAGENET_MEAN,
                      IMAGENET_STD)
     bare = tmp_path / "bare.pth"
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3)}, bare)
-    with pytest.raises(UsageError, match="pass --teacher_model"):
+    with pytest.raises(UserError, match="pass --teacher_model"):
         build_target({"target": "teacher", "teacher_checkpoint": str(bare)}, student, IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -279,7 +278,7 @@ def test_target_flags_resolve_and_conflicts_are_refused():
                           (("--target_loss", "cosine",), "--target_loss applies to --target teacher, not pixel"),
                           (("--hog_cell", "4",), "--hog_cell applies to --target hog"),
                           (("--target", "hog", "--teacher_layer", "2"), "--teacher_layer applies")]:
-        with pytest.raises(UsageError, match=message):
+        with pytest.raises(UserError, match=message):
             resolve_target_args(parsed(*argv))
 
 
@@ -363,7 +362,7 @@ def test_resuming_with_another_target_is_a_one_line_error(imagefolder, tmp_path,
         in result.stderr.strip().splitlines()[-1]
     args = main_pretrain.get_args_parser().parse_args(
         tiny_pretrain_argv(imagefolder, out, "--auto_resume", "--target", "hog", "--hog_cell", "4"))
-    with pytest.raises(CheckpointError, match="shape mismatch"):  # 27 HOG values per patch now, not 108
+    with pytest.raises(UserError, match="shape mismatch"):  # 27 HOG values per patch now, not 108
         main_pretrain.main(args)
 
 
@@ -373,7 +372,7 @@ def test_resuming_with_the_same_width_but_another_target_is_refused(imagefolder,
     (out / "checkpoint-last.pth").write_bytes(pixel_checkpoint.read_bytes())
     args = main_pretrain.get_args_parser().parse_args(tiny_pretrain_argv(imagefolder, out, "--auto_resume",
                                                                          "--norm_pix_loss", "--epochs", "2"))
-    with pytest.raises(UsageError, match="pretrained with --target pixel, this run asks for --target norm_pixel"):
+    with pytest.raises(UserError, match="pretrained with --target pixel, this run asks for --target norm_pixel"):
         main_pretrain.main(args)
 
 

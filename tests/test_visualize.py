@@ -11,10 +11,10 @@ from PIL import Image
 import models_mae
 import visualize
 from conftest import run_program
-from util.cli import UsageError, run
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD, DataError
+from util.cli import run
+from util.errors import UserError
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.runtime import build_model
-from util.checkpoint import CheckpointError
 from util.targets import HOGTarget
 from util.visualize import (GAP, MARGIN, MASK_GREY, NORM_PIX_NOTE, SIMILARITY_NOTE, ReconstructionLogger,
                             build_reconstruction_logger, compare_with_target, denormalize_patches, fixed_noise,
@@ -201,7 +201,7 @@ def test_loss_curve_png_from_log_txt(tmp_path):
     assert image.size[0] == 800 and image.size[1] > 500
     single = plot_loss_curve(write_log(tmp_path / "one.txt", rows[:1]), tmp_path / "one.png")
     assert Image.open(single).size == image.size
-    with pytest.raises(DataError, match="no lines"):
+    with pytest.raises(UserError, match="no lines"):
         plot_loss_curve(write_log(tmp_path / "empty.txt", []), tmp_path / "empty.png")
 
 
@@ -265,19 +265,19 @@ def test_cli_grey_model(imagefolder, tmp_path, capsys):
 def test_cli_input_errors_name_the_problem(imagefolder, tmp_path):
     checkpoint = save_tiny_checkpoint(tmp_path / "c.pth")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match="no images found in .*empty"):
+    with pytest.raises(UserError, match="no images found in .*empty"):
         visualize.main(cli_args("--checkpoint", checkpoint, "--images", tmp_path / "empty"))
-    with pytest.raises(UsageError, match="missing.png does not exist"):
+    with pytest.raises(UserError, match="missing.png does not exist"):
         visualize.main(cli_args("--checkpoint", checkpoint, "--images", tmp_path / "missing.png"))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    with pytest.raises(DataError, match="broken.png"):
+    with pytest.raises(UserError, match="broken.png"):
         visualize.main(cli_args("--checkpoint", checkpoint, "--images", broken, "--device", "cpu"))
-    with pytest.raises(UsageError, match="mask_ratio"):
+    with pytest.raises(UserError, match="mask_ratio"):
         visualize.main(cli_args("--checkpoint", checkpoint, "--images", broken, "--mask_ratio", "1.0"))
     bare = tmp_path / "bare.pth"
     torch.save({"model": torch.load(checkpoint, weights_only=True)["model"]}, bare)  # no training arguments
-    with pytest.raises(UsageError, match="pass --model"):
+    with pytest.raises(UserError, match="pass --model"):
         visualize.main(cli_args("--checkpoint", bare, "--images", imagefolder + "/val/class_00"))
 
 
@@ -351,14 +351,14 @@ def test_cli_hog_checkpoint_draws_the_similarity_map_and_refuses_pixel_flags(ima
     assert "target hog" in printed and "HOG, 2-px cells, 108 values per patch" in printed
     width, height = Image.open(out).size
     assert width == 2 * MARGIN + 3 * 96 + 2 * GAP and height > 4 * (96 + GAP)
-    with pytest.raises(UsageError, match="pretrained with --target hog: its decoder predicts no pixels"):
+    with pytest.raises(UserError, match="pretrained with --target hog: its decoder predicts no pixels"):
         visualize.main(cli_args("--checkpoint", checkpoint, "--images", images, "--norm_pix_loss"))
     wrong = save_target_checkpoint(tmp_path / "wrong.pth", hog_cell=4)  # 27 HOG values, but the decoder has 108
-    with pytest.raises(CheckpointError, match="predicts 108 values per patch but the recorded target gives 27"):
+    with pytest.raises(UserError, match="predicts 108 values per patch but the recorded target gives 27"):
         visualize.main(cli_args("--checkpoint", wrong, "--images", images, "--device", "cpu"))
     bare = tmp_path / "bare.pth"
     torch.save({"model": torch.load(checkpoint, weights_only=True)["model"]}, bare)
-    with pytest.raises(CheckpointError, match="does not say which target"):
+    with pytest.raises(UserError, match="does not say which target"):
         visualize.main(cli_args("--checkpoint", bare, "--model", "mae_vit_tiny_patch4", "--input_size", "16",
                                 "--images", images, "--device", "cpu"))
 
@@ -370,7 +370,7 @@ def test_cli_teacher_checkpoint_finds_its_moved_teacher(imagefolder, tmp_path, c
                                         teacher_model="vit_tiny_patch4", teacher_checkpoint=str(tmp_path / "moved.pth"),
                                         target_loss="cosine")
     images = os.path.join(imagefolder, "val", "class_00")
-    with pytest.raises(CheckpointError, match="moved.pth does not exist"):
+    with pytest.raises(UserError, match="moved.pth does not exist"):
         visualize.main(cli_args("--checkpoint", checkpoint, "--images", images, "--device", "cpu"))
     out = tmp_path / "teacher.png"
     visualize.main(cli_args("--checkpoint", checkpoint, "--images", images, "--max_images", "1", "--output", out,

@@ -17,9 +17,7 @@ from pathlib import Path
 import torch
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message names the file and the keys at fault."""
+from util.errors import UserError
 
 
 # prefixes that wrappers add to parameter names: DDP, torch.compile
@@ -53,7 +51,7 @@ def load_checkpoint_file(path) -> dict:
             torch.hub.download_url_to_file(path, str(local))
         path = str(local)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist")
     try:
         with _namespace_allowed():
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -62,16 +60,16 @@ def load_checkpoint_file(path) -> dict:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             reason = ("it contains pickled objects other than tensors and plain containers, refused "
                       f"for safety ({reason})")
-        raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
+        raise UserError(f"cannot load checkpoint {path}: {reason}") from None
 
 
 def model_state_dict(checkpoint: dict, path="checkpoint") -> dict:
     """The model weights inside a checkpoint: ``{'model': ...}`` or a bare state dict."""
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a dict of weights")
+        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a dict of weights")
     state = checkpoint.get("model", checkpoint)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} has no state dict of tensors (expected a 'model' entry or bare weights)")
+        raise UserError(f"{path} has no state dict of tensors (expected a 'model' entry or bare weights)")
     out = {}
     for key, value in state.items():
         for prefix in _WRAPPER_PREFIXES:
@@ -116,7 +114,7 @@ def _resample_pos_embed(table: torch.Tensor, new_tokens: int, new_grid, key: str
     old_patches = table.shape[1] - 1
     side = int(round(old_patches ** 0.5))
     if side * side != old_patches or new_tokens - 1 != new_grid[0] * new_grid[1]:
-        raise CheckpointError(
+        raise UserError(
             f"{path}: cannot resample {key} of shape {tuple(table.shape)} to {new_tokens} tokens "
             f"(non-square source grid)"
         )
@@ -169,7 +167,7 @@ def load_pretrained(model, path, *, head_init_std=None, allow_missing=None, log=
         else:
             mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(target[key].shape)}")
     if mismatched:
-        raise CheckpointError(f"{path}: shape mismatch for " + "; ".join(mismatched))
+        raise UserError(f"{path}: shape mismatch for " + "; ".join(mismatched))
 
     unexpected = [k for k in state if k not in target]
     ignorable = ("decoder_", "mask_token") + (("norm.",) if is_classifier else ())
@@ -186,7 +184,7 @@ def load_pretrained(model, path, *, head_init_std=None, allow_missing=None, log=
             parts.append(f"missing keys {_names(bad_missing)}{hint}")
         if bad_unexpected:
             parts.append(f"unexpected keys {_names(bad_unexpected)}")
-        raise CheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(parts))
+        raise UserError(f"{path} does not fit {type(model).__name__}: " + "; ".join(parts))
 
     model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
 
@@ -320,11 +318,11 @@ def resume_training(args, model, optimizer=None, updater=None) -> dict | None:
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
                   for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     if mismatched:  # load_state_dict would raise a multi-line RuntimeError
-        raise CheckpointError(f"cannot resume from {path}: shape mismatch for {'; '.join(mismatched[:4])} "
+        raise UserError(f"cannot resume from {path}: shape mismatch for {'; '.join(mismatched[:4])} "
                               f"(a checkpoint of another model, input size or --target?)")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
+        raise UserError(
             f"cannot resume from {path}: missing keys {_names(result.missing_keys)}, "
             f"unexpected keys {_names(result.unexpected_keys)} (a checkpoint of another model?)"
         )

@@ -11,19 +11,8 @@ import sys
 import torch
 
 from util.amp import AMP_CHOICES
-from util.checkpoint import CheckpointError
-from util.datasets import DATASETS, DataError
-
-
-class UsageError(Exception):
-    """A wrong flag value or combination; printed as one line."""
-
-
-class NonFiniteLossError(Exception):
-    """The loss became NaN or infinite; the run stops and keeps the last good checkpoint."""
-
-
-USER_ERRORS = (UsageError, DataError, CheckpointError, NonFiniteLossError)
+from util.datasets import DATASETS
+from util.errors import UserError, one_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -105,18 +94,10 @@ def run(main, args) -> None:
     """Call ``main(args)``; a user error becomes one line on stderr and exit status 1."""
     try:
         main(args)
-    except USER_ERRORS as e:
-        sys.stderr.write(f"error: {_one_line(e)}\n")
+    except UserError as e:
+        sys.stderr.write(f"error: {one_line(e)}\n")
         sys.exit(1)
 
-
-def _one_line(error: Exception) -> str:
-    message = str(error)
-    # an exception re-raised from a DataLoader worker carries the worker's traceback; keep its last line
-    if "Original Traceback" in message:
-        last = [line for line in message.splitlines() if line.strip()][-1]
-        message = last.split(": ", 1)[1] if ": " in last else last
-    return message.strip()
 
 
 def add_classifier_args(parser: argparse.ArgumentParser, global_pool_default: bool) -> None:

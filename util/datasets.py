@@ -39,7 +39,7 @@ same random draws, about twice as fast per loader worker; image files for them
 are decoded straight to tensors (``read_rgb_tensor``). See BENCHMARKS.md.
 
 Every user-facing data problem (missing directory, unreadable image, bad list
-line, truncated idx file, ...) raises ``DataError`` with a one-line message
+line, truncated idx file, ...) raises ``UserError`` with a one-line message
 that names the offending file, so the programs can print it instead of a
 traceback.
 """
@@ -57,6 +57,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import datasets as tv_datasets
 from torchvision import io as tv_io
 from torchvision import transforms
+
+from util.errors import UserError
 
 DATASETS = ("imagefolder", "cifar10", "cifar100", "filelist", "fashion_mnist")
 TRANSFORM_KINDS = ("pretrain", "finetune", "linprobe", "eval")
@@ -84,10 +86,6 @@ FASHION_MNIST_INSTALL_HINT = (
 )
 
 
-class DataError(Exception):
-    """A data problem the user must fix; the message is one line and names the file."""
-
-
 @dataclass(frozen=True)
 class DataInfo:
     mean: tuple
@@ -109,7 +107,7 @@ def dataset_info(args) -> DataInfo:
 def _dataset_name(args) -> str:
     name = getattr(args, "dataset", None) or "imagefolder"
     if name not in DATASETS:
-        raise DataError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")
     return name
 
 
@@ -354,12 +352,12 @@ def build_dataset(split: str, args, transform=None):
 def _data_path(args) -> str:
     data_path = getattr(args, "data_path", None)
     if not data_path:
-        raise DataError(f"--data_path is required for --dataset {_dataset_name(args)}")
+        raise UserError(f"--data_path is required for --dataset {_dataset_name(args)}")
     return os.fspath(data_path)
 
 
 def load_rgb_image(path: str) -> Image.Image:
-    """Open an image file as RGB; a broken file becomes a DataError naming it."""
+    """Open an image file as RGB; a broken file becomes a UserError naming it."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
@@ -367,16 +365,16 @@ def load_rgb_image(path: str) -> Image.Image:
             # convert() copies even when there is nothing to convert; most photos are RGB already
             return img if img.mode == "RGB" else img.convert("RGB")
     except UnidentifiedImageError:
-        raise DataError(f"cannot read image {path}: not a recognised image format") from None
+        raise UserError(f"cannot read image {path}: not a recognised image format") from None
     except Exception as exc:  # truncated data, bad headers, unreadable file: all the file's fault
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+        raise UserError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
 
 
 def read_rgb_tensor(path: str):
     """An image file as a uint8 (3, H, W) tensor, decoded by ``torchvision.io`` (libjpeg-turbo, as PIL; for JPEG
     the tensor is a view of the decoder's (H, W, 3) output, where PIL's ``np.asarray`` copies it once more).
     What it cannot decode (formats it lacks, 16-bit or animated images, broken files) goes through
-    :func:`load_rgb_image`: PIL's image, or a DataError naming the file. (torchvision 0.29 marks its decoders
+    :func:`load_rgb_image`: PIL's image, or a UserError naming the file. (torchvision 0.29 marks its decoders
     deprecated in favour of TorchCodec's ``decode_image``, the same call; switch when that is a dependency.)"""
     try:
         img = tv_io.decode_image(path, mode=tv_io.ImageReadMode.RGB)
@@ -396,11 +394,11 @@ def _build_imagefolder(split, args, transform):
     split_dir = os.path.join(_data_path(args), split)
     hint = "expected class sub-folders with images (ImageFolder layout)"
     if not os.path.isdir(split_dir):
-        raise DataError(f"no images found in {split_dir}: the directory does not exist; {hint}")
+        raise UserError(f"no images found in {split_dir}: the directory does not exist; {hint}")
     try:
         return tv_datasets.ImageFolder(split_dir, transform=transform, loader=image_loader_for(transform))
     except FileNotFoundError:  # raised by torchvision for no class folders / no images
-        raise DataError(f"no images found in {split_dir}: {hint}") from None
+        raise UserError(f"no images found in {split_dir}: {hint}") from None
 
 
 def _build_cifar(split, args, transform):
@@ -410,19 +408,19 @@ def _build_cifar(split, args, transform):
     download = bool(getattr(args, "download", False))
     expected_dir = os.path.join(root, cifar_class.base_folder)
     if not download and not os.path.isdir(expected_dir):
-        raise DataError(
+        raise UserError(
             f"{name} not found: expected torchvision's files in {expected_dir}; "
             f"pass --download to fetch them (needs internet)"
         )
     try:
         return cifar_class(root=root, train=(split == "train"), transform=transform, download=download)
     except RuntimeError:  # torchvision's "not found or corrupted" (md5 mismatch or missing batch)
-        raise DataError(
+        raise UserError(
             f"{name} files in {expected_dir} are missing or corrupted (md5 check failed); "
             f"delete the folder and pass --download"
         ) from None
     except OSError as exc:  # network failure during download
-        raise DataError(f"downloading {name} into {root} failed: {exc}") from None
+        raise UserError(f"downloading {name} into {root} failed: {exc}") from None
 
 
 class FileListDataset(torch.utils.data.Dataset):
@@ -463,7 +461,7 @@ def parse_file_list(root: str, list_file: str) -> list[tuple[str, int]]:
     being labelled or not.
     """
     if not os.path.isfile(list_file):
-        raise DataError(f"list file {list_file} does not exist")
+        raise UserError(f"list file {list_file} does not exist")
     samples = []
     first_labelled = None  # (line number, labelled?) of the first entry
     with open(list_file, encoding="utf-8") as f:
@@ -474,20 +472,20 @@ def parse_file_list(root: str, list_file: str) -> list[tuple[str, int]]:
             rel_path, label = _split_path_and_label(line)
             where = f"{list_file}:{line_number}"
             if label is not None and label < 0:
-                raise DataError(f"{where}: label {label} is negative")
+                raise UserError(f"{where}: label {label} is negative")
             if first_labelled is None:
                 first_labelled = (line_number, label is not None)
             elif first_labelled[1] != (label is not None):
-                raise DataError(
+                raise UserError(
                     f"{where}: line is {'labelled' if label is not None else 'unlabelled'} but line "
                     f"{first_labelled[0]} is not; give every line a label or none"
                 )
             path = os.path.join(root, rel_path)
             if not os.path.isfile(path):
-                raise DataError(f"{where}: image {path} not found")
+                raise UserError(f"{where}: image {path} not found")
             samples.append((path, -1 if label is None else label))
     if not samples:
-        raise DataError(f"list file {list_file} lists no images")
+        raise UserError(f"list file {list_file} lists no images")
     return samples
 
 
@@ -546,22 +544,22 @@ def read_idx(path: str, expected_ndim: int) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as exc:  # includes gzip's BadGzipFile and truncated streams
-        raise DataError(f"cannot read idx file {path}: {exc}") from None
+        raise UserError(f"cannot read idx file {path}: {exc}") from None
     # Header: two zero bytes, a type code (0x08 = unsigned byte), the number of
     # dimensions, then one big-endian uint32 per dimension.
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE_TYPE or raw[3] != expected_ndim:
         magic = raw[:4].hex() or "empty"
-        raise DataError(
+        raise UserError(
             f"{path} is not an idx file of {expected_ndim}-D unsigned bytes (magic {magic}, "
             f"expected 000008{expected_ndim:02x})"
         )
     header_size = 4 + 4 * expected_ndim
     if len(raw) < header_size:
-        raise DataError(f"idx file {path} is truncated: header incomplete")
+        raise UserError(f"idx file {path} is truncated: header incomplete")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=expected_ndim, offset=4))
     expected_size = header_size + int(np.prod(shape))
     if len(raw) != expected_size:
-        raise DataError(
+        raise UserError(
             f"idx file {path} is truncated or corrupt: {len(raw)} bytes, expected {expected_size} "
             f"for shape {shape}"
         )
@@ -601,18 +599,18 @@ def _build_fashion_mnist(split, args, transform):
     found = _locate_fashion_mnist(split, data_path)
     if found is None and getattr(args, "download", False):
         if not data_path:
-            raise DataError("--download needs --data_path to say where Fashion-MNIST goes")
+            raise UserError("--download needs --data_path to say where Fashion-MNIST goes")
         try:
             # torchvision downloads (and md5-checks) into <data_path>/FashionMNIST/raw,
             # which is one of the places searched above.
             tv_datasets.FashionMNIST(root=data_path, train=(split == "train"), download=True)
         except (OSError, RuntimeError) as exc:
-            raise DataError(f"downloading Fashion-MNIST into {data_path} failed: {exc}") from None
+            raise UserError(f"downloading Fashion-MNIST into {data_path} failed: {exc}") from None
         found = _locate_fashion_mnist(split, data_path)
     if found is None:
         names = " and ".join(FASHION_MNIST_FILES[split])
         searched = ", ".join(_fashion_mnist_search_dirs(data_path))
-        raise DataError(
+        raise UserError(
             f"Fashion-MNIST {split} files ({names}, optionally .gz) not found in {searched}: "
             f"{FASHION_MNIST_INSTALL_HINT}"
         )
@@ -620,7 +618,7 @@ def _build_fashion_mnist(split, args, transform):
     images = read_idx(images_path, expected_ndim=3)
     labels = read_idx(labels_path, expected_ndim=1)
     if len(images) != len(labels):
-        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+        raise UserError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
     if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
-        raise DataError(f"{labels_path} has label {labels.max()}, expected 0..9")
+        raise UserError(f"{labels_path} has label {labels.max()}, expected 0..9")
     return FashionMNISTDataset(images, labels, source=os.path.dirname(images_path), transform=transform)

@@ -22,7 +22,8 @@ import signal
 import sys
 from pathlib import Path
 
-from util.cli import UsageError, _one_line, run
+from util.cli import run
+from util.errors import UserError, one_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,22 +84,22 @@ def resolve_args(args) -> None:
     """Check the SLURM flags and fill in what depends on them (device, tasks, CPUs, memory)."""
     for flag in ("nodes", "timeout"):
         if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.ngpus < 0:
-        raise UsageError(f"--ngpus must be 0 (CPU) or more, got {args.ngpus}")
+        raise UserError(f"--ngpus must be 0 (CPU) or more, got {args.ngpus}")
     for flag in ("output_dir", "log_dir"):
         if getattr(args, flag) is not None:
-            raise UsageError(f"--{flag} is not used under SLURM: everything goes to --job_dir")
+            raise UserError(f"--{flag} is not used under SLURM: everything goes to --job_dir")
     if args.device is None:
         args.device = "cuda" if args.ngpus else "cpu"
     elif args.ngpus == 0 and str(args.device).startswith("cuda"):
-        raise UsageError("--ngpus 0 runs on CPU: drop --device cuda, or ask for GPUs with --ngpus N")
+        raise UserError("--ngpus 0 runs on CPU: drop --device cuda, or ask for GPUs with --ngpus N")
     if args.tasks_per_node is None:
         args.tasks_per_node = args.ngpus or 1
     if args.tasks_per_node < 1:
-        raise UsageError(f"--tasks_per_node must be at least 1, got {args.tasks_per_node}")
+        raise UserError(f"--tasks_per_node must be at least 1, got {args.tasks_per_node}")
     if args.ngpus and str(args.device).startswith("cuda") and args.tasks_per_node > args.ngpus:
-        raise UsageError(f"--tasks_per_node {args.tasks_per_node} > --ngpus {args.ngpus}: each process needs its own GPU")
+        raise UserError(f"--tasks_per_node {args.tasks_per_node} > --ngpus {args.ngpus}: each process needs its own GPU")
     if args.cpus_per_task is None:
         args.cpus_per_task = args.num_workers + 1
     if args.use_volta32:
@@ -156,7 +157,7 @@ def make_executor(args):
         # python=None: the job runs this very interpreter (sys.executable), so the same virtual environment
         return executor_class(folder=args.job_dir, python=None)
     except RuntimeError as e:
-        raise UsageError(f"{e} (submit from a SLURM login node; --dry_run prints the job script anywhere)") from None
+        raise UserError(f"{e} (submit from a SLURM login node; --dry_run prints the job script anywhere)") from None
 
 
 def submit(program: str, args):
@@ -175,7 +176,7 @@ def submit(program: str, args):
     try:
         job = executor.submit(Trainer(program, args))
     except FailedJobError as e:
-        raise UsageError(f"sbatch refused the job: {_last_line(e)}") from None
+        raise UserError(f"sbatch refused the job: {_last_line(e)}") from None
     paths = job.paths
     print(f"submitted job {job.job_id}: {program}, {args.nodes} node(s) x {args.tasks_per_node} task(s), "
           f"{f'{args.ngpus} GPU(s) per node' if args.ngpus else 'CPU'}")
@@ -251,7 +252,7 @@ def _say(line: str) -> None:
 
 def _first_line(error: Exception) -> str:
     # util.cli's message, which also unwraps a DataLoader worker's traceback; a log line needs only its start
-    lines = _one_line(error).splitlines()
+    lines = one_line(error).splitlines()
     return lines[0][:300] if lines else type(error).__name__
 
 

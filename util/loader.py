@@ -5,6 +5,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from util import distributed
+from util.datasets import build_dataset, build_transform, dataset_info
+from util.errors import UserError
 
 
 class ResumableSampler(DistributedSampler):
@@ -45,9 +47,7 @@ def build_loader(dataset, args, train: bool, shard_eval: bool = False) -> DataLo
     else:
         sampler = torch.utils.data.SequentialSampler(dataset)
     if train and len(dataset) < args.batch_size * world:
-        from util.cli import UsageError
-
-        raise UsageError(
+        raise UserError(
             f"the training set has {len(dataset)} images, fewer than one batch "
             f"({args.batch_size} x {world} processes); lower --batch_size"
         )
@@ -67,18 +67,15 @@ def build_classification_loaders(args, train_kind: str):
 
     ``args.nb_classes`` defaults to the data set's class count; a value smaller than the labels need is an error.
     """
-    from util.cli import UsageError
-    from util.datasets import build_dataset, build_transform, dataset_info
-
     dataset_train = build_dataset("train", args, build_transform(train_kind, args))
     dataset_val = build_dataset("val", args, build_transform("eval", args))
     found = dataset_info(args).num_classes or len(getattr(dataset_train, "classes", ())) or None
     if args.nb_classes is None:
         if not found:
-            raise UsageError("cannot tell the number of classes of this data set; pass --nb_classes")
+            raise UserError("cannot tell the number of classes of this data set; pass --nb_classes")
         args.nb_classes = found
     elif found and args.nb_classes < found:
-        raise UsageError(f"--nb_classes {args.nb_classes} is smaller than the {found} classes of the data set")
+        raise UserError(f"--nb_classes {args.nb_classes} is smaller than the {found} classes of the data set")
     print(f"{len(dataset_train)} training and {len(dataset_val)} validation images, {args.nb_classes} classes")
     if args.dist_eval and len(dataset_val) % distributed.get_world_size():
         print("warning: with --dist_eval the validation set is padded to a multiple of the number of processes, "

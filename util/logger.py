@@ -14,6 +14,7 @@ from collections import deque
 import torch
 
 from util import distributed
+from util.errors import UserError
 
 
 def _to_float(value) -> float:
@@ -127,15 +128,13 @@ def write_log_line(output_dir, stats: dict) -> None:
 def final_test_accuracy(log_path) -> float:
     """``test_acc1`` of the last epoch in a program's ``log.txt``: the last epoch, not the best (choosing the
     epoch on the test set would flatter the result)."""
-    from util.cli import UsageError  # util.cli imports the data and checkpoint modules; keep logger light
-
     accuracy = None
     with open(log_path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 accuracy = json.loads(line).get("test_acc1", accuracy)
     if accuracy is None:
-        raise UsageError(f"{log_path}: no test accuracy logged")
+        raise UserError(f"{log_path}: no test accuracy logged")
     return float(accuracy)
 
 

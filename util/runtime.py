@@ -11,14 +11,14 @@ import torch
 
 from util import distributed
 from util.amp import resolve_amp
-from util.cli import UsageError
+from util.errors import UserError
 
 
 def setup_run(args) -> torch.device:
     """Start distributed mode, pick the device, seed every RNG (differently per rank) and create the output
     directory. Sets ``args.amp`` to the resolved precision and ``args.world_size`` / ``args.rank``."""
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     distributed.init_distributed_mode(args)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
@@ -26,7 +26,7 @@ def setup_run(args) -> torch.device:
     try:
         args.amp = resolve_amp(args.amp, device)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UserError(str(e)) from None
     seed = args.seed + distributed.get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -63,11 +63,11 @@ def build_model(name: str, **kwargs) -> torch.nn.Module:
     if not name or not timm.is_model(name):
         family = "mae_vit_*" if (name or "").startswith("mae") else "vit_*"
         known = ", ".join(timm.list_models(family, module=["models_mae", "models_vit"]) or timm.list_models("*vit*")[:10])
-        raise UsageError(f"unknown model {name!r}; choose from {known}")
+        raise UserError(f"unknown model {name!r}; choose from {known}")
     try:
         return timm.create_model(name, **kwargs)
     except ValueError as e:
-        raise UsageError(f"{name}: {e}") from None
+        raise UserError(f"{name}: {e}") from None
 
 
 def wrap_model(model: torch.nn.Module, args, device: torch.device):

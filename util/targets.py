@@ -24,8 +24,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from util.checkpoint import CheckpointError, load_checkpoint_file, model_state_dict
-from util.cli import UsageError
+from util.checkpoint import load_checkpoint_file, model_state_dict
+from util.errors import UserError
 
 TARGETS = ("pixel", "norm_pixel", "hog", "teacher")
 TEACHER_LOSSES = ("smooth_l1", "cosine")
@@ -115,7 +115,7 @@ class HOGTarget:
     def __init__(self, patch: int, in_chans: int, cell: int | None = None):
         cell = cell or default_hog_cell(patch)
         if cell <= 0 or patch % cell:
-            raise UsageError(f"--hog_cell {cell} must divide the patch size {patch} (e.g. {default_hog_cell(patch)})")
+            raise UserError(f"--hog_cell {cell} must divide the patch size {patch} (e.g. {default_hog_cell(patch)})")
         self.patch, self.cell, self.in_chans = patch, cell, in_chans
         self.dim = hog_dim(patch, cell, in_chans)
 
@@ -139,7 +139,7 @@ def _first_conv_channels(model: torch.nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
             return module.in_channels
-    raise UsageError(f"cannot tell how many input channels the teacher {type(model).__name__} takes")
+    raise UserError(f"cannot tell how many input channels the teacher {type(model).__name__} takes")
 
 
 def _stats_for(values, channels: int, what: str):
@@ -150,7 +150,7 @@ def _stats_for(values, channels: int, what: str):
         return (sum(values) / len(values),)
     if len(values) == 1:
         return values * channels
-    raise UsageError(f"{what} has {len(values)} channel statistics for a {channels}-channel network")
+    raise UserError(f"{what} has {len(values)} channel statistics for a {channels}-channel network")
 
 
 def _encoder_name(model_name: str) -> str:
@@ -178,13 +178,13 @@ def _create_teacher(name: str, img_size: int, pretrained: bool, in_chans: int | 
         except TypeError:  # a convolutional network takes any size and has no img_size argument
             kwargs.pop("img_size")
             return build_model(name, **kwargs)
-    except (UsageError, TypeError):
+    except (UserError, TypeError):
         raise
     except Exception as e:  # only a hub download gets here: no network, no such weights, no permission
         if not pretrained:
             raise
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot download timm's weights for the teacher {name} (offline? pass --teacher_checkpoint "
+        raise UserError(f"cannot download timm's weights for the teacher {name} (offline? pass --teacher_checkpoint "
                          f"FILE instead): {reason}") from None
 
 
@@ -196,7 +196,7 @@ def _load_teacher_weights(teacher: torch.nn.Module, state: dict, path: str, name
         try:
             state = filter_fn(state, teacher)
         except Exception as e:  # a file of another architecture fails in the conversion
-            raise CheckpointError(f"{path} does not fit the teacher {name}: {type(e).__name__}: {e}") from None
+            raise UserError(f"{path} does not fit the teacher {name}: {type(e).__name__}: {e}") from None
     expected = teacher.state_dict()
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
                   for k, v in state.items() if k in expected and v.shape != expected[k].shape]
@@ -205,7 +205,7 @@ def _load_teacher_weights(teacher: torch.nn.Module, state: dict, path: str, name
         details = "; ".join(([f"shape mismatch for {', '.join(mismatched[:6])}"] if mismatched else [])
                             + ([f"missing keys {', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}"]
                                if missing else []))
-        raise CheckpointError(f"{path} does not fit the teacher {name}: {details}")
+        raise UserError(f"{path} does not fit the teacher {name}: {details}")
     teacher.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 
@@ -220,9 +220,9 @@ def load_teacher(model_name, checkpoint, pretrained: bool, img_size: int):
     from util.datasets import IMAGENET_MEAN, IMAGENET_STD, dataset_info
 
     if pretrained and checkpoint:
-        raise UsageError("--teacher_pretrained downloads the hub weights; it conflicts with --teacher_checkpoint")
+        raise UserError("--teacher_pretrained downloads the hub weights; it conflicts with --teacher_checkpoint")
     if not pretrained and not checkpoint:
-        raise UsageError("--target teacher needs --teacher_checkpoint FILE (or --teacher_pretrained with "
+        raise UserError("--target teacher needs --teacher_checkpoint FILE (or --teacher_pretrained with "
                          "--teacher_model to download timm's weights)")
     saved, state = {}, None
     if checkpoint:
@@ -233,10 +233,10 @@ def load_teacher(model_name, checkpoint, pretrained: bool, img_size: int):
         if not model_name:
             model_name = saved.get("model")
             if not model_name:
-                raise UsageError(f"{checkpoint} holds no training arguments naming its model; pass --teacher_model "
+                raise UserError(f"{checkpoint} holds no training arguments naming its model; pass --teacher_model "
                                  f"(a timm name such as vit_tiny_patch16_224)")
     elif not model_name:
-        raise UsageError("--teacher_pretrained needs --teacher_model (a timm name such as vit_tiny_patch16_224)")
+        raise UserError("--teacher_pretrained needs --teacher_model (a timm name such as vit_tiny_patch16_224)")
     name = _encoder_name(model_name)
     patch_weight = (state or {}).get("patch_embed.proj.weight")
     in_chans = int(patch_weight.shape[1]) if patch_weight is not None and patch_weight.ndim == 4 else None
@@ -269,9 +269,9 @@ class TeacherTarget:
     def __init__(self, teacher, *, mean, std, data_mean, data_std, input_size: int, grid, layer: int = -1,
                  loss: str = "smooth_l1", label: str = "", device="cpu"):
         if loss not in TEACHER_LOSSES:
-            raise UsageError(f"--target_loss must be one of {', '.join(TEACHER_LOSSES)}, got {loss!r}")
+            raise UserError(f"--target_loss must be one of {', '.join(TEACHER_LOSSES)}, got {loss!r}")
         if not hasattr(teacher, "forward_intermediates"):
-            raise UsageError(f"the teacher {type(teacher).__name__} cannot return intermediate features "
+            raise UserError(f"the teacher {type(teacher).__name__} cannot return intermediate features "
                              f"(timm's forward_intermediates); choose a timm ViT or CNN")
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         self.loss, self.layer, self.label = loss, layer, label
@@ -282,7 +282,7 @@ class TeacherTarget:
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         if self.data_mean.shape[1] not in (1, self.channels) and self.channels != 1:
-            raise UsageError(f"the teacher takes {self.channels}-channel images, the data has "
+            raise UserError(f"the teacher takes {self.channels}-channel images, the data has "
                              f"{self.data_mean.shape[1]} channels")
         # one probe forward: checks the layer index and tells the feature width (the decoder's output width)
         probe = torch.zeros(1, self.data_mean.shape[1], self.input_size, self.input_size, device=device)
@@ -304,7 +304,7 @@ class TeacherTarget:
             (out,) = self.teacher.forward_intermediates(self.teacher_input(imgs), indices=[self.layer], norm=False,
                                                         stop_early=True, output_fmt="NCHW", intermediates_only=True)
         except (AssertionError, IndexError) as e:  # timm asserts on a block index out of range
-            raise UsageError(f"--teacher_layer {self.layer}: {e}") from None
+            raise UserError(f"--teacher_layer {self.layer}: {e}") from None
         return out
 
     @torch.no_grad()
@@ -328,17 +328,17 @@ def resolve_target_args(args) -> None:
     target = args.target
     if args.norm_pix_loss:  # the original's spelling of norm_pixel
         if target not in (None, "norm_pixel"):
-            raise UsageError(f"--norm_pix_loss means --target norm_pixel; it conflicts with --target {target}")
+            raise UserError(f"--norm_pix_loss means --target norm_pixel; it conflicts with --target {target}")
         target = "norm_pixel"
     target = target or "pixel"
     if target not in TARGETS:
-        raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+        raise UserError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     if target != "hog" and args.hog_cell is not None:
-        raise UsageError(f"--hog_cell applies to --target hog, not {target}")
+        raise UserError(f"--hog_cell applies to --target hog, not {target}")
     if target != "teacher":
         given = [f"--{flag}" for flag in TEACHER_FLAGS if getattr(args, flag, None) not in (None, False)]
         if given or args.teacher_layer != -1:
-            raise UsageError(f"{', '.join(given or ['--teacher_layer'])} applies to --target teacher, not {target}")
+            raise UserError(f"{', '.join(given or ['--teacher_layer'])} applies to --target teacher, not {target}")
     elif args.target_loss is None:
         args.target_loss = "smooth_l1"
     args.target = target
@@ -357,7 +357,7 @@ def build_target(settings: dict, student, data_mean, data_std, device="cpu"):
     if target == "hog":
         patch_h, patch_w = patch_embed.patch_size
         if patch_h != patch_w:
-            raise UsageError(f"--target hog needs square patches, not {patch_h}x{patch_w}")
+            raise UserError(f"--target hog needs square patches, not {patch_h}x{patch_w}")
         return HOGTarget(patch_h, in_chans, settings.get("hog_cell"))
     if target == "teacher":
         student_size = patch_embed.img_size[0]
@@ -368,7 +368,7 @@ def build_target(settings: dict, student, data_mean, data_std, device="cpu"):
                              input_size=input_size, grid=patch_embed.grid_size,
                              layer=int(settings["teacher_layer"] if settings.get("teacher_layer") is not None else -1),
                              loss=settings.get("target_loss") or "smooth_l1", label=label, device=device)
-    raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
 
 
 def model_kwargs(target) -> dict:

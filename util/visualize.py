@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from util import distributed
-from util.datasets import DataError
+from util.errors import UserError
 
 NORM_PIX_NOTE = "prediction de-normalised with each patch's mean/std (norm_pix_loss)"
 COLUMN_TITLES = ("original", "masked input", "reconstruction", "reconstruction + visible")
@@ -437,10 +437,10 @@ def held_out_images(args, num_images: int = 8) -> torch.Tensor:
     transform = build_transform("eval", args)
     try:
         dataset = build_dataset("val", args, transform)
-    except DataError:
+    except UserError:
         dataset = build_dataset("train", args, transform)
     if len(dataset) == 0:
-        raise DataError("no images to draw reconstructions of: the dataset is empty")
+        raise UserError("no images to draw reconstructions of: the dataset is empty")
     count = min(num_images, len(dataset))
     # evenly spaced, not the first k: class-sorted splits would otherwise show a single class
     indices = sorted({round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)})
@@ -478,7 +478,7 @@ def read_log(log_txt_path) -> list:
                 if isinstance(record, dict) and isinstance(record.get("epoch"), (int, float)):
                     by_epoch[record["epoch"]] = record
     except OSError as e:
-        raise DataError(f"cannot read {log_txt_path}: {e.strerror or e}") from None
+        raise UserError(f"cannot read {log_txt_path}: {e.strerror or e}") from None
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
@@ -511,7 +511,7 @@ def format_ticks(ticks, step) -> list:
 def plot_loss_curve(log_txt_path, out_png, width: int = 800, panel_height: int = 250) -> str:
     """Draw training loss and learning rate against epoch from ``log.txt`` (JSON lines with ``epoch``,
     ``train_loss``, ``train_lr``) into ``out_png``: one panel per series on a shared epoch axis. Returns the
-    path written; raises DataError when the log has no usable line."""
+    path written; raises UserError when the log has no usable line."""
     records = read_log(log_txt_path)
     series = []
     for key, label, colour in SERIES:
@@ -520,7 +520,7 @@ def plot_loss_curve(log_txt_path, out_png, width: int = 800, panel_height: int =
         if points:
             series.append((key, label, colour, points))
     if not series:
-        raise DataError(f"{log_txt_path} has no lines with epoch and a finite train_loss or train_lr")
+        raise UserError(f"{log_txt_path} has no lines with epoch and a finite train_loss or train_lr")
 
     font = _font(13)
     line_h = _line_height(font)
