@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 from tests import fakedata
 from util import datasets
@@ -218,6 +219,19 @@ def test_large_eval_transform_resizes_and_center_crops_to_224():
     resize = transform.transforms[0]
     assert resize.size == 256  # int(224 / 0.875), the original MAE evaluation resize
     assert transform(Image.new("RGB", (300, 250))).shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize("input_size, resize", [(96, 109), (224, 256), (384, 384), (448, 448)])
+def test_large_eval_transform_crop_pct_follows_the_original(input_size, resize):
+    """crop_pct 224/256 up to 224 px, 1.0 above: at 448 px the image is resized to 448, not 512."""
+    transform = build_transform("eval", make_args(input_size=input_size))
+    assert transform.transforms[0].size == resize
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (500, 600, 3), dtype=np.uint8))
+    bicubic = transforms.InterpolationMode.BICUBIC
+    by_hand = transforms.Compose([
+        transforms.Resize(resize, interpolation=bicubic), transforms.CenterCrop(input_size), transforms.ToTensor(),
+        transforms.Normalize(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)])
+    assert torch.equal(transform(image), by_hand(image))
 
 
 def test_large_pretrain_transform_uses_mae_crop_scale():

@@ -22,7 +22,8 @@ Transforms: the small/large rule
 For ``input_size > 64`` the transforms are those of the original MAE code
 (RandomResizedCrop with scale (0.2, 1) for pre-training, plain RandomResizedCrop
 for linear probing, timm's RandAugment/RandomErasing recipe for fine-tuning, and
-resize-to-256/center-crop-224 for evaluation).
+for evaluation a bicubic resize to ``input_size / crop_pct`` and a center crop,
+with crop_pct 224/256 up to 224 px and 1 above, as the original).
 
 For ``input_size <= 64`` (CIFAR at 32 px, Fashion-MNIST at 28 px) those recipes
 do not fit: a scale-0.2 RandomResizedCrop of a 32-px image is a 14-px blob
@@ -66,8 +67,8 @@ SPLITS = ("train", "val")
 
 # Up to this size images count as "small" (see module docstring).
 SMALL_IMAGE_MAX_SIZE = 64
-# The original MAE evaluation resizes to 256 and center-crops 224.
-EVAL_CROP_PCT = 0.875
+# The original MAE evaluation: resize to input_size / crop_pct, then center-crop input_size.
+EVAL_CROP_PCT = 224 / 256  # input_size <= 224; above it, crop_pct is 1 (no margin)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -175,8 +176,9 @@ def _large_image_transform(kind, input_size, info, args):
         return CropFlipNormalize(input_size, scale=(0.2, 1.0), mean=info.mean, std=info.std)
     if kind == "linprobe":
         return CropFlipNormalize(input_size, scale=(0.08, 1.0), mean=info.mean, std=info.std)
+    crop_pct = EVAL_CROP_PCT if input_size <= 224 else 1.0
     steps = [  # eval
-        transforms.Resize(int(input_size / EVAL_CROP_PCT), interpolation=bicubic),
+        transforms.Resize(int(input_size / crop_pct), interpolation=bicubic),
         transforms.CenterCrop(input_size),
     ]
     return transforms.Compose(steps + _to_normalized_tensor(info))
