@@ -2,6 +2,7 @@
 
 import argparse
 import gzip
+import math
 import os
 import random
 import re
@@ -239,6 +240,79 @@ def test_large_pretrain_transform_uses_mae_crop_scale():
     crop = transform.transforms[0]
     assert type(crop).__name__ == "RandomResizedCrop" and crop.scale == (0.2, 1.0)
     assert transform(Image.new("RGB", (300, 250))).shape == (3, 224, 224)
+
+
+def original_linprobe_crop_box(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The original linear probe's crop, written from its definition: one draw, clamped, uniform offsets."""
+    area = torch.empty(1).uniform_(*scale).item() * height * width
+    aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item())
+    w = min(round(math.sqrt(area * aspect)), width)
+    h = min(round(math.sqrt(area / aspect)), height)
+    return torch.randint(0, height - h + 1, (1,)).item(), torch.randint(0, width - w + 1, (1,)).item(), h, w
+
+
+def linprobe_crop_boxes(draw, image, draws=4000, seed=0):
+    torch.manual_seed(seed)
+    return [draw(image) for _ in range(draws)]
+
+
+def test_linprobe_crop_is_the_originals_single_draw_crop():
+    """torchvision's retries and center-crop fallback would give 0.43 of a 500 x 375 image on average."""
+    crop = build_transform("linprobe", make_args(input_size=224)).transforms[0]
+    assert crop.scale == (0.08, 1.0) and crop.interpolation == transforms.InterpolationMode.BICUBIC
+    image = Image.new("RGB", (500, 375))
+    ours = linprobe_crop_boxes(lambda img: crop.get_params(img, crop.scale, crop.ratio), image)
+    reference = linprobe_crop_boxes(lambda img: original_linprobe_crop_box(375, 500), image, seed=1)
+    for top, left, h, w in ours:
+        assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500 and h > 0 and w > 0
+    stats = {}
+    for name, boxes in (("ours", ours), ("reference", reference)):
+        fractions = np.array([h * w / (375 * 500) for _, _, h, w in boxes])
+        stats[name] = (fractions.mean(), (fractions > 0.7).mean())
+    assert stats["ours"][0] == pytest.approx(0.52, abs=0.02)
+    assert stats["ours"][1] == pytest.approx(0.29, abs=0.03)
+    assert stats["ours"][0] == pytest.approx(stats["reference"][0], abs=0.02)
+    assert stats["ours"][1] == pytest.approx(stats["reference"][1], abs=0.03)
+
+
+def test_linprobe_crop_never_exceeds_the_image():
+    crop = build_transform("linprobe", make_args(input_size=96)).transforms[0]
+    torch.manual_seed(0)
+    for width, height in ((500, 375), (40, 300), (300, 40), (7, 5), (1, 1)):
+        image = torch.zeros(3, height, width, dtype=torch.uint8)
+        for _ in range(300):
+            top, left, h, w = crop.get_params(image, crop.scale, crop.ratio)
+            assert 0 <= top <= top + h <= height and 0 <= left <= left + w <= width and h >= 1 and w >= 1
+
+
+def test_linprobe_fast_and_plain_paths_cut_the_same_box():
+    fast = build_transform("linprobe", make_args(input_size=96))
+    plain = transforms.Compose(fast.transforms)
+    crop = fast.transforms[0]
+    image = ramps()
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    std = torch.tensor(datasets.IMAGENET_STD).view(-1, 1, 1)
+    for seed in range(30):
+        torch.manual_seed(seed)
+        box_pil = crop.get_params(image, crop.scale, crop.ratio)
+        torch.manual_seed(seed)
+        assert crop.get_params(pixels, crop.scale, crop.ratio) == box_pil, seed
+        torch.manual_seed(seed)
+        expected = plain(image)
+        state_after_plain = torch.get_rng_state()
+        for fast_input in (image, pixels):
+            torch.manual_seed(seed)
+            got = fast(fast_input)
+            assert torch.equal(torch.get_rng_state(), state_after_plain), seed
+            diff = ((got - expected) * std * 255).abs()  # another box or flip would be tens of grey levels off
+            assert diff.mean() < 0.1 and diff.max() < 1.01, seed
+
+
+def ramps(height=120, width=160):
+    """Red is x, green is y: a crop of it says which box was cut and whether it was flipped."""
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([x * 255 / (width - 1), y * 255 / (height - 1), np.full(x.shape, 128.0)], axis=-1)
+    return Image.fromarray(image.round().astype(np.uint8))
 
 
 def test_small_finetune_transform_randaugment_and_erasing_switches():
