@@ -9,22 +9,25 @@ Reads top to bottom: arguments, setup (distributed, data, model, optimizer, resu
 """
 from __future__ import annotations
 
+import datetime
+import time
+
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 
-from engine import evaluate, fit
+from engine import evaluate, train_one_epoch
 from util import distributed
 from util.amp import GradientUpdater
-from util.checkpoint import load_pretrained, resume_training
+from util.checkpoint import load_pretrained, resume_training, save_training_state
 from util.cli import Parser, add_classifier_args, add_common_args, run
-from util.errors import UserError
 from util.datasets import dataset_info
+from util.errors import UserError
 from util.loader import build_classification_loaders
-from util.logger import tensorboard_writer
+from util.logger import tensorboard_writer, write_log_line
 from util.lr_sched import set_effective_lr
-from util.runtime import adamw_implementation, build_model, count_parameters, setup_run, wrap_model
+from util.runtime import adamw, build_model, count_parameters, setup_run, wrap_model
 
 
 def get_args_parser():
@@ -33,7 +36,6 @@ def get_args_parser():
     add_classifier_args(parser, global_pool_default=True)
     g = parser.add_argument_group("fine-tuning")
     g.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
-    g.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: none)")
     g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
     g.add_argument("--trainable_blocks", type=int, default=None, metavar="K",
                    help="partial fine-tuning: train only the last K blocks, the final norm and the head")
@@ -59,25 +61,17 @@ def get_args_parser():
 
 
 def freeze_all_but_last_blocks(model, k):
-    """Partial fine-tuning: only the last ``k`` blocks, the norms after them and the head learn.
-    Returns the frozen modules, which also stay in eval mode (no drop path in them)."""
+    """Partial fine-tuning: only the last ``k`` blocks, the norms after them and the head learn; the frozen
+    blocks lose their drop path (they are not trained, so they compute as in evaluation)."""
     if not 0 <= k <= len(model.blocks):
         raise UserError(f"--trainable_blocks must be between 0 and {len(model.blocks)}, got {k}")
-    first_trained = len(model.blocks) - k
-    frozen = [model.patch_embed, *model.blocks[:first_trained]]
+    frozen = [model.patch_embed, *model.blocks[:len(model.blocks) - k]]
     for module in frozen:
         module.requires_grad_(False)
+    for block in frozen[1:]:
+        block.drop_path1 = block.drop_path2 = torch.nn.Identity()
     model.cls_token.requires_grad_(False)
     model.pos_embed.requires_grad_(False)
-    return frozen
-
-
-def classification_loss(mixup_fn, criterion):
-    def loss_fn(model, samples, targets):
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
-        return criterion(model(samples), targets)
-    return loss_fn
 
 
 def main(args):
@@ -86,7 +80,7 @@ def main(args):
     device = setup_run(args)
 
     # data
-    data_loader_train, data_loader_val = build_classification_loaders(args, "finetune")
+    data_loader_train, data_loader_val, args.nb_classes = build_classification_loaders(args, "finetune")
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         if args.batch_size % 2:
@@ -101,7 +95,8 @@ def main(args):
                         num_classes=args.nb_classes, drop_path_rate=args.drop_path, global_pool=args.global_pool)
     if args.finetune and not args.eval:
         load_pretrained(model, args.finetune, head_init_std=2e-5)
-    frozen = freeze_all_but_last_blocks(model, args.trainable_blocks) if args.trainable_blocks is not None else ()
+    if args.trainable_blocks is not None:
+        freeze_all_but_last_blocks(model, args.trainable_blocks)
     print(f"model {args.model}: {count_parameters(model) / 1e6:.2f}M trainable parameters")
     model_ddp = wrap_model(model, args, device)
 
@@ -109,7 +104,7 @@ def main(args):
     set_effective_lr(args, distributed.get_world_size())
     param_groups = param_groups_layer_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
                                             layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, **adamw_implementation(device))
+    optimizer = adamw(param_groups, args.lr, device)
     updater = GradientUpdater(args.amp, device)
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()  # the smoothing is in the mixed targets
@@ -117,16 +112,34 @@ def main(args):
         criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
-    checkpoint = resume_training(args, model, optimizer, updater)
+    start = resume_training(args, model, optimizer, updater)
 
     if args.eval:
         evaluate(data_loader_val, model_ddp, device, args)
         return
 
-    # the loop
-    fit(args, model, model_ddp, classification_loss(mixup_fn, criterion), data_loader_train, optimizer, updater,
-        device, data_loader_val=data_loader_val, clip_grad=args.clip_grad, frozen_modules=frozen,
-        log_writer=tensorboard_writer(args.log_dir), max_accuracy=(checkpoint or {}).get("max_accuracy", 0.0))
+    log_writer = tensorboard_writer(args.log_dir)
+    print(f"start training for {args.epochs} epochs ({args.amp} precision)")
+    start_time = time.time()
+    step, max_accuracy = start.step, start.max_accuracy
+    for epoch in range(start.epoch, args.epochs):
+        data_loader_train.sampler.set_epoch(epoch, start_index=step * args.batch_size)
+        train_stats = train_one_epoch(model_ddp, data_loader_train, optimizer, device, epoch, updater, args,
+                                      log_writer=log_writer, criterion=criterion, mixup_fn=mixup_fn,
+                                      start_step=step, max_accuracy=max_accuracy)
+        step = 0
+        test_stats = evaluate(data_loader_val, model_ddp, device, args)
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        print(f"accuracy on {len(data_loader_val.dataset)} test images: {test_stats['acc1']:.2f}% "
+              f"(max {max_accuracy:.2f}%)")
+        save_training_state(args, epoch, model, optimizer, updater, max_accuracy=max_accuracy,
+                            keep=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
+        write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                         **{f"test_{k}": v for k, v in test_stats.items()},
+                                         "epoch": epoch, "max_accuracy": max_accuracy}, log_writer)
+    print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    if log_writer is not None:
+        log_writer.close()
     distributed.destroy()
 
 

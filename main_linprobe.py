@@ -14,21 +14,21 @@ cache leaves out; benchmarks/bench_linprobe.py measures the speedup and the accu
 from __future__ import annotations
 
 import argparse
+import datetime
 import time
 
 import torch
 from timm.optim import Lars
 
-from engine import evaluate, fit
+from engine import evaluate, train_one_epoch
 from util import distributed
-from util.amp import GradientUpdater
-from util.checkpoint import load_pretrained, resume_training
+from util.amp import GradientUpdater, autocast
+from util.checkpoint import load_pretrained, resume_training, save_training_state
 from util.cli import Parser, add_classifier_args, add_common_args, run
-from util.errors import UserError
-from util.amp import autocast
 from util.datasets import build_dataset, build_transform, dataset_info
+from util.errors import UserError
 from util.loader import build_classification_loaders, build_loader, limit_train_images
-from util.logger import tensorboard_writer
+from util.logger import tensorboard_writer, write_log_line
 from util.lr_sched import set_effective_lr
 from util.runtime import build_model, count_parameters, setup_run, wrap_model
 
@@ -114,7 +114,7 @@ def main(args):
 
     # data
     train_kind = "eval" if args.no_train_augmentation else "linprobe"
-    data_loader_train, data_loader_val = build_classification_loaders(args, train_kind)
+    data_loader_train, data_loader_val, args.nb_classes = build_classification_loaders(args, train_kind)
 
     # model: pretrained encoder, frozen; new head = BatchNorm (no affine) + Linear
     model = build_model(args.model, img_size=args.input_size, in_chans=dataset_info(args).in_chans,
@@ -127,38 +127,50 @@ def main(args):
     # and shift, so training that affine would get exactly zero gradient.
     model.requires_grad_(False)
     model.head.requires_grad_(True)
-    frozen = [module for module in model.children() if module is not model.head]
     print(f"model {args.model}: {count_parameters(model) / 1e6:.3f}M trainable parameters "
           f"(of {count_parameters(model, trainable_only=False) / 1e6:.1f}M)")
     cache = args.cache_features and not args.eval
     model_ddp = model.to(device) if cache else wrap_model(model, args, device)
 
-    # optimizer: LARS on the trained parts
+    # optimizer: LARS on the head
     set_effective_lr(args, distributed.get_world_size())
-    param_groups = lars_param_groups(model.head, args.weight_decay)
-    optimizer = Lars(param_groups, lr=args.lr, momentum=0.9, trust_coeff=0.001, eps=0.0)
+    optimizer = Lars(lars_param_groups(model.head, args.weight_decay), lr=args.lr, momentum=0.9, trust_coeff=0.001,
+                     eps=0.0)
     updater = GradientUpdater(args.amp, device)
-    checkpoint = resume_training(args, model, optimizer, updater)
+    start = resume_training(args, model, optimizer, updater)
 
     if args.eval:
         evaluate(data_loader_val, model_ddp, device, args)
         return
     if cache:  # after resuming: the encoder that encodes is the one the checkpoint holds
         data_loader_train, data_loader_val = cached_feature_loaders(model, args, device)
-        model_ddp, frozen = wrap_model(model.head, args, device), []  # the only part that runs from now on
+        model_ddp = wrap_model(model.head, args, device)  # the only part that runs from now on
 
-    # the loop
-    epoch_start = [time.time()]
-
-    def report_epoch_time(epoch):
-        now = time.time()
-        print(f"epoch {epoch} took {now - epoch_start[0]:.2f} s (training, evaluation, checkpoint)")
-        epoch_start[0] = now
-
-    fit(args, model, model_ddp, lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y), data_loader_train,
-        optimizer, updater, device, data_loader_val=data_loader_val, frozen_modules=frozen,
-        log_writer=tensorboard_writer(args.log_dir), max_accuracy=(checkpoint or {}).get("max_accuracy", 0.0),
-        on_epoch_end=report_epoch_time)
+    log_writer = tensorboard_writer(args.log_dir)
+    criterion = torch.nn.CrossEntropyLoss()
+    print(f"start training for {args.epochs} epochs ({args.amp} precision)")
+    start_time = time.time()
+    step, max_accuracy = start.step, start.max_accuracy
+    for epoch in range(start.epoch, args.epochs):
+        epoch_start = time.time()
+        data_loader_train.sampler.set_epoch(epoch, start_index=step * args.batch_size)
+        train_stats = train_one_epoch(model_ddp, data_loader_train, optimizer, device, epoch, updater, args,
+                                      log_writer=log_writer, criterion=criterion, start_step=step,
+                                      max_accuracy=max_accuracy)
+        step = 0
+        test_stats = evaluate(data_loader_val, model_ddp, device, args)
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        print(f"accuracy on {len(data_loader_val.dataset)} test images: {test_stats['acc1']:.2f}% "
+              f"(max {max_accuracy:.2f}%)")
+        save_training_state(args, epoch, model, optimizer, updater, max_accuracy=max_accuracy,
+                            keep=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
+        write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                         **{f"test_{k}": v for k, v in test_stats.items()},
+                                         "epoch": epoch, "max_accuracy": max_accuracy}, log_writer)
+        print(f"epoch {epoch} took {time.time() - epoch_start:.2f} s (training, evaluation, checkpoint)")
+    print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    if log_writer is not None:
+        log_writer.close()
     distributed.destroy()
 
 

@@ -13,24 +13,25 @@ Reads top to bottom: arguments, setup (distributed, data, model, optimizer, resu
 """
 from __future__ import annotations
 
+import datetime
 import os
+import time
 
-import torch
 from timm.optim import param_groups_weight_decay
 
-from engine import fit
+from engine import train_one_epoch
 from util import distributed
 from util.amp import GradientUpdater
-from util.checkpoint import resume_training
+from util.checkpoint import resume_training, save_training_state
 from util.cli import Parser, add_common_args, run
-from util.errors import UserError
 from util.datasets import build_dataset, build_transform, dataset_info
+from util.errors import UserError
+from util.figures import ReconstructionLogger, plot_loss_curve
 from util.loader import build_loader
-from util.logger import tensorboard_writer
+from util.logger import tensorboard_writer, write_log_line
 from util.lr_sched import set_effective_lr
-from util.visualize import build_reconstruction_logger, plot_loss_curve
-from util.runtime import adamw_implementation, build_model, count_parameters, setup_run, wrap_model
-from util.targets import TARGETS, TEACHER_LOSSES, build_model_and_target, resolve_target_args
+from util.runtime import adamw, build_model, count_parameters, setup_run, wrap_model
+from util.targets import TARGETS, TEACHER_LOSSES, build_target, target_name
 
 
 def get_args_parser():
@@ -70,22 +71,11 @@ def get_args_parser():
     return parser
 
 
-def pretrain_loss(mask_ratio, target=None):
-    """The loss of a batch; ``target`` (util/targets.py) computes non-pixel targets outside the model, under the
-    same autocast (the engine's), so a teacher is never part of the trained, wrapped or saved module."""
-    def loss_fn(model, samples, _targets):
-        if target is None:
-            loss, _pred, _mask = model(samples, mask_ratio=mask_ratio)
-        else:
-            loss, _pred, _mask = model(samples, mask_ratio=mask_ratio, target=target(samples))
-        return loss
-    return loss_fn
-
-
 def main(args):
     if not 0.0 <= args.mask_ratio < 1.0:
         raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-    resolve_target_args(args)
+    args.target = target_name(args)  # --norm_pix_loss is the original's spelling of --target norm_pixel
+    args.norm_pix_loss = args.target == "norm_pixel"
     device = setup_run(args)
 
     # data
@@ -94,41 +84,46 @@ def main(args):
     print(f"training images: {len(dataset_train)}")
     data_loader_train = build_loader(dataset_train, args, train=True)
 
-    # model and optimizer; a non-pixel target's generator runs outside the model (util/targets.py)
-    model, target = build_model_and_target(args.model, vars(args), info.mean, info.std, device,
-                                           img_size=args.input_size, in_chans=info.in_chans,
-                                           norm_pix_loss=args.norm_pix_loss)
+    # model; a non-pixel target (util/targets.py) sets the decoder's output width and the loss
+    model = build_model(args.model, img_size=args.input_size, in_chans=info.in_chans, norm_pix_loss=args.norm_pix_loss)
+    target = build_target(vars(args), model, info.mean, info.std, device)
     if target is not None:
+        model.set_target(target)
         print(f"target: {target.describe()}")
     print(f"model {args.model}: {count_parameters(model) / 1e6:.1f}M trainable parameters")
     model_ddp = wrap_model(model, args, device)
 
+    # optimizer: AdamW, no weight decay on norms, biases, position tables and tokens
     set_effective_lr(args, distributed.get_world_size())
-    # no weight decay on norms, biases, position tables and tokens
     param_groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay())
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **adamw_implementation(device))
+    optimizer = adamw(param_groups, args.lr, device, betas=(0.9, 0.95))
     updater = GradientUpdater(args.amp, device)
-    resumed = resume_training(args, model, optimizer, updater)
-    saved = (resumed or {}).get("args")
-    saved_target = saved.get("target") if isinstance(saved, dict) else None  # None: written before targets existed
-    if saved_target and saved_target != args.target:
-        raise UserError(f"the checkpoint to resume was pretrained with --target {saved_target}, this run asks for "
-                         f"--target {args.target}; keep the target or start in a new --output_dir")
+    start = resume_training(args, model, optimizer, updater)
+    if start.args.get("target") not in (None, args.target):
+        raise UserError(f"the checkpoint to resume was pretrained with --target {start.args['target']}, this run asks "
+                        f"for --target {args.target}; keep the target or start in a new --output_dir")
 
     log_writer = tensorboard_writer(args.log_dir)
-    reconstructions = (build_reconstruction_logger(args, num_images=args.vis_images, target=target)
-                       if args.vis_freq else None)
+    reconstructions = ReconstructionLogger(args, args.vis_images) if args.vis_freq else None
 
-    def on_epoch_end(epoch):
+    print(f"start training for {args.epochs} epochs ({args.amp} precision)")
+    start_time = time.time()
+    step = start.step  # > 0 only in the epoch a mid-epoch checkpoint stopped in
+    for epoch in range(start.epoch, args.epochs):
+        data_loader_train.sampler.set_epoch(epoch, start_index=step * args.batch_size)
+        train_stats = train_one_epoch(model_ddp, data_loader_train, optimizer, device, epoch, updater, args,
+                                      log_writer=log_writer, start_step=step)
+        step = 0
         last = epoch + 1 == args.epochs
+        save_training_state(args, epoch, model, optimizer, updater, keep=epoch % args.save_freq == 0 or last)
+        write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}, log_writer)
         if reconstructions is not None and (epoch % args.vis_freq == 0 or last):
-            reconstructions(model, epoch, args.output_dir, log_writer)  # the unwrapped model
-        if last and args.output_dir and distributed.is_main_process():
-            plot_loss_curve(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "loss_curve.png"))
-
-    # the loop
-    fit(args, model, model_ddp, pretrain_loss(args.mask_ratio, target), data_loader_train, optimizer, updater, device,
-        log_writer=log_writer, on_epoch_end=on_epoch_end)
+            reconstructions.log(model, epoch, log_writer)  # the unwrapped model
+    print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    if log_writer is not None:
+        log_writer.close()
+    if args.output_dir and distributed.is_main_process() and start.epoch < args.epochs:
+        plot_loss_curve(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "loss_curve.png"))
     distributed.destroy()
 
 

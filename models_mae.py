@@ -2,13 +2,14 @@
 Vision Learners").
 
 The encoder sees only the visible patches; a light decoder gets the encoded patches plus one shared,
-learnable mask token per removed patch and predicts the pixels of every patch; the loss counts the removed
-patches only. Parameter names and shapes are those of the original research code, so its released
-checkpoints load with ``strict=True``.
+learnable mask token per removed patch and predicts every patch; the loss counts the removed patches only.
+Parameter names and shapes are those of the original research code, so its released checkpoints load with
+``strict=True``.
 
-Other targets (HOG, a teacher's features; see ``util/targets.py``) change only the width of the last decoder
-layer (``pred_dim``) and the per-patch loss (``target_loss``); their values are passed to ``forward`` as
-``target``.
+The decoder regresses pixels (``norm_pix_loss``: normalised per patch) unless a target generator is attached
+with :meth:`MaskedAutoencoderViT.set_target` (HOG histograms, a teacher's features; ``util/targets.py``): then the
+last decoder layer predicts the generator's width and the loss is the generator's (``mse``, ``smooth_l1`` or
+``cosine``).
 
 Importing this module registers the ``mae_vit_*`` constructors in timm's registry::
 
@@ -21,84 +22,51 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models import register_model
 from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import checkpoint
 
 from util.pos_embed import sincos_2d_tensor
-from util.targets import patch_loss
 
 
 class MaskedAutoencoderViT(nn.Module):
-    def __init__(
-        self,
-        img_size=224,
-        patch_size=16,
-        in_chans=3,
-        embed_dim=1024,
-        depth=24,
-        num_heads=16,
-        decoder_embed_dim=512,
-        decoder_depth=8,
-        decoder_num_heads=16,
-        mlp_ratio=4.0,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        norm_pix_loss=False,
-        encoder_mask_tokens=False,
-        grad_ckpt=False,
-        pred_dim=None,
-        target_loss="mse",
-    ):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False, grad_ckpt=False):
         super().__init__()
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
-        # how a given target (forward's ``target``) is compared with the prediction; a plain attribute, so the
-        # state dict stays the original one
-        self.target_loss = target_loss
-        self.encoder_mask_tokens = encoder_mask_tokens
         self.grad_ckpt = grad_ckpt
+        # a target generator (util/targets.py) and its loss; plain attributes, so the state dict stays the original
+        self.target_fn, self.target_loss = None, "mse"
 
         # --- encoder ---
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         if any(s % p for s, p in zip(self.patch_embed.img_size, self.patch_embed.patch_size)):
-            raise ValueError(
-                f"image size {img_size} is not divisible by the patch size {patch_size}"
-            )
+            raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # fixed sin-cos table; a Parameter (not a buffer) so the state dict matches the original
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
-        )
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)])
         self.norm = norm_layer(embed_dim)
-        if encoder_mask_tokens:  # only then: the default state dict stays the original one
-            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
 
         # --- decoder ---
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(
-            torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False
-        )
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            [
-                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-                for _ in range(decoder_depth)
-            ]
-        )
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+             for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
         patch_h, patch_w = self.patch_embed.patch_size
-        # pixels per patch by default; the target's width (HOG histograms, teacher features) otherwise
-        self.decoder_pred = nn.Linear(decoder_embed_dim, pred_dim or patch_h * patch_w * in_chans, bias=True)
-        if encoder_mask_tokens:
-            # the decoder's mask token is unused then; frozen, DDP does not wait for its gradient
-            self.mask_token.requires_grad_(False)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_h * patch_w * in_chans, bias=True)
 
         self.initialize_weights()
 
-    # ------------------------------------------------------------------ init
     def initialize_weights(self):
         grid = self.patch_embed.grid_size
         self.pos_embed.data.copy_(sincos_2d_tensor(self.pos_embed.shape[-1], grid))
@@ -108,8 +76,6 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        if self.encoder_mask_tokens:
-            nn.init.normal_(self.encoder_mask_token, std=0.02)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -122,17 +88,25 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def set_target(self, target_fn):
+        """Regress ``target_fn(imgs)`` (N, L, ``target_fn.dim``) with ``target_fn.loss`` instead of pixels: the last
+        decoder layer is rebuilt at that width. ``target_fn`` is not a module of the model, so a teacher inside it
+        is never saved, optimised or wrapped in DDP."""
+        self.target_fn, self.target_loss = target_fn, target_fn.loss
+        if self.decoder_pred.out_features != target_fn.dim:
+            old = self.decoder_pred
+            self.decoder_pred = nn.Linear(old.in_features, target_fn.dim, device=old.weight.device)
+            self._init_weights(self.decoder_pred)
+
     @torch.jit.ignore
     def no_weight_decay(self):
-        # used by timm's param_groups_weight_decay (1-D params are excluded there anyway)
-        return {"pos_embed", "decoder_pos_embed", "cls_token", "mask_token", "encoder_mask_token"}
+        return {"pos_embed", "decoder_pos_embed", "cls_token", "mask_token"}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable=True):
         """timm's spelling of the ``grad_ckpt`` option."""
         self.grad_ckpt = enable
 
-    # ------------------------------------------------------------- patches
     @property
     def patch_size(self):
         return self.patch_embed.patch_size
@@ -148,60 +122,36 @@ class MaskedAutoencoderViT(nn.Module):
         return x.reshape(n, (h // p) * (w // q), p * q * c)
 
     def unpatchify(self, x, grid_size=None):
-        """(N, L, p*q*C) -> (N, C, H, W); the grid defaults to the model's (square grids may be inferred)."""
+        """(N, L, p*q*C) -> (N, C, H, W) on the model's patch grid (or ``grid_size``)."""
         p, q = self.patch_size
         gh, gw = grid_size or self.patch_embed.grid_size
-        if gh * gw != x.shape[1]:
-            side = int(round(x.shape[1] ** 0.5))
-            if side * side != x.shape[1]:
-                raise ValueError(f"cannot infer the patch grid of {x.shape[1]} patches; pass grid_size")
-            gh = gw = side
         c = x.shape[2] // (p * q)
         x = x.reshape(x.shape[0], gh, gw, p, q, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, gh * p, gw * q)
 
-    # ------------------------------------------------------------- masking
     def random_masking(self, x, mask_ratio, noise=None):
-        """Keep the ``int(L * (1 - mask_ratio))`` patches with the smallest noise, per sample.
+        """Per-sample random masking: keep the ``int(L * (1 - mask_ratio))`` patches with the smallest noise.
 
         x: (N, L, D); noise: (N, L) in [0, 1), drawn uniformly when None (pass it to reproduce a mask).
-        Returns the kept tokens (N, len_keep, D), the binary mask (N, L; 0 keep, 1 remove) in the original
-        patch order, and ``ids_restore`` (N, L) which un-shuffles.
+        Returns the kept tokens, the binary mask (N, L; 0 keep, 1 remove) and ``ids_restore``, which un-shuffles.
         """
-        ids_keep, mask, ids_restore = self.masking_ids(x.shape[0], x.shape[1], mask_ratio, noise, x.device)
-        # expand is a view: the gather reads the kept rows without materialising an index copy
-        x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        return x_masked, mask, ids_restore
-
-    @staticmethod
-    def masking_ids(n, length, mask_ratio, noise=None, device=None):
-        """The indices of :meth:`random_masking` without touching tokens: ``(ids_keep, mask, ids_restore)``."""
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+        n, length, dim = x.shape
         len_keep = int(length * (1 - mask_ratio))
         if noise is None:
-            noise = torch.rand(n, length, device=device)
-        elif noise.shape != (n, length):
-            raise ValueError(f"noise must have shape {(n, length)}, got {tuple(noise.shape)}")
-        ids_shuffle = torch.argsort(noise, dim=1)
+            noise = torch.rand(n, length, device=x.device)
+        ids_shuffle = torch.argsort(noise, dim=1)  # ascend: small is keep, large is remove
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        # a patch is removed when its rank in the shuffle is past len_keep (one comparison, no scatter)
-        mask = (ids_restore >= len_keep).float()
-        return ids_shuffle[:, :len_keep], mask, ids_restore
+        ids_keep = ids_shuffle[:, :len_keep]
+        x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+        mask = torch.ones(n, length, device=x.device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)  # back to the patches' order
+        return x_masked, mask, ids_restore
 
-    # ------------------------------------------------------------- forward
     def forward_encoder(self, imgs, mask_ratio, noise=None):
-        x = self.patch_embed(imgs)
-        if self.encoder_mask_tokens:
-            # "with [M]": every patch stays, the removed ones become the encoder's mask token (before the
-            # position table is added, so the token still knows where it stands)
-            _, mask, ids_restore = self.masking_ids(x.shape[0], x.shape[1], mask_ratio, noise, x.device)
-            x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token, x)
-            x = x + self.pos_embed[:, 1:, :]
-        else:
-            x = x + self.pos_embed[:, 1:, :]
-            x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         ckpt = self.grad_ckpt and self.training and torch.is_grad_enabled()
@@ -210,27 +160,23 @@ class MaskedAutoencoderViT(nn.Module):
             x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
         return self.norm(x), mask, ids_restore
 
-    def forward_decoder(self, latent, ids_restore):
-        x = self.decoder_embed(latent)
-        if not self.encoder_mask_tokens:
-            # put the encoded patches back in place, the shared mask token in every removed slot: one gather
-            # from [cls, kept..., mask token] (N, len_keep + 2, D) straight into (N, L + 1, D), instead of
-            # materialising the mask tokens, a shuffled copy and a concatenation at full length
-            n, length = ids_restore.shape
-            len_keep = x.shape[1] - 1
-            src = torch.cat([x, self.mask_token.expand(n, 1, -1)], dim=1)
-            # slot of each patch in src: kept patches at 1 + their rank, removed ones at the mask token
-            slot = torch.where(ids_restore < len_keep, ids_restore + 1, len_keep + 1)
-            slot = torch.cat([slot.new_zeros(n, 1), slot], dim=1)  # the cls token stays first
-            x = torch.gather(src, 1, slot.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = x + self.decoder_pos_embed
+    def forward_decoder(self, x, ids_restore):
+        x = self.decoder_embed(x)
+        # the mask token in every removed slot, then all patches back in their original order
+        mask_tokens = self.mask_token.expand(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], -1)
+        patches = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], patches], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)
         return self.decoder_pred(x)[:, 1:, :]  # drop the cls token
 
-    def target_patches(self, imgs):
-        """The regression target per patch: pixels, normalised per patch when ``norm_pix_loss``."""
+    def forward_target(self, imgs):
+        """What the decoder regresses per patch: the target generator's output, else the pixels (normalised per
+        patch with ``norm_pix_loss``)."""
+        if self.target_fn is not None:
+            return self.target_fn(imgs)
         target = self.patchify(imgs)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
@@ -238,23 +184,23 @@ class MaskedAutoencoderViT(nn.Module):
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return target
 
-    def forward_loss(self, imgs, pred, mask, target=None):
-        """Loss per patch, averaged over the removed patches only: mean squared error against the pixels, or
-        ``self.target_loss`` against ``target`` (N, L, pred_dim) when one is given."""
-        if target is None:
-            loss = (pred - self.target_patches(imgs)) ** 2
-            loss = loss.mean(dim=-1)
+    def forward_loss(self, imgs, pred, mask):
+        """The per-patch loss, averaged over the removed patches only."""
+        target = self.forward_target(imgs)
+        if self.target_loss == "mse":
+            loss = ((pred - target) ** 2).mean(dim=-1)
+        elif self.target_loss == "smooth_l1":
+            loss = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(dim=-1)
+        elif self.target_loss == "cosine":  # MILAN's 2 - 2 cos
+            loss = 2.0 - 2.0 * F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-8)
         else:
-            if target.shape != pred.shape:
-                raise ValueError(f"target of shape {tuple(target.shape)} for predictions of shape {tuple(pred.shape)} "
-                                 f"(the decoder's pred_dim must equal the target's width)")
-            loss = patch_loss(pred, target, self.target_loss)
+            raise ValueError(f"unknown target loss {self.target_loss!r}; choose mse, smooth_l1 or cosine")
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None, target=None):
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask, target)
+        loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
 
 
@@ -264,10 +210,8 @@ _ORIGINAL_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_hea
 
 def _create(pretrained=False, defaults=None, **kwargs):
     if pretrained:
-        raise ValueError(
-            "MAE models have no hub weights here; build the model, then load a file with "
-            "util.checkpoint.load_pretrained(model, path)"
-        )
+        raise ValueError("MAE models have no hub weights here; build the model, then load a file with "
+                         "util.checkpoint.load_pretrained(model, path)")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)  # timm.create_model passes these to every entrypoint
     return MaskedAutoencoderViT(**{**defaults, **kwargs})

@@ -27,12 +27,13 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from util.checkpoint import load_checkpoint_file, load_pretrained, model_state_dict
+from util.checkpoint import load_checkpoint_file, load_pretrained, model_state_dict, saved_args
 from util.errors import UserError
 from util.cli import Parser, default_device, run
+from util.runtime import build_model
+from util.targets import build_target
 from util.datasets import DATASETS, dataset_info, load_rgb_image
-from util.targets import build_model_and_target
-from util.visualize import (NORM_PIX_NOTE, SIMILARITY_NOTE, compare_with_target, fixed_noise, reconstruct,
+from util.figures import (NORM_PIX_NOTE, SIMILARITY_NOTE, compare_with_target, fixed_noise, reconstruct,
                             reconstruction_panel, render_figure, save_png, similarity_panel)
 
 DEFAULT_INPUT_SIZE = 224
@@ -67,14 +68,6 @@ def get_args_parser():
                         "recorded at pretraining)")
     g.add_argument("--device", default=default_device())
     return parser
-
-
-def saved_training_args(checkpoint: dict) -> dict:
-    """The checkpoint's training arguments as a dict (ours: a dict; the original's: a Namespace); {} if none."""
-    saved = checkpoint.get("args")
-    if isinstance(saved, argparse.Namespace):
-        saved = vars(saved)
-    return saved if isinstance(saved, dict) else {}
 
 
 def resolve_setting(name, flag_value, saved: dict, default):
@@ -137,7 +130,7 @@ def main(args):
             f"{args.checkpoint} has no decoder weights (an encoder-only pretraining file such as "
             f"mae_pretrain_vit_base.pth, or a fine-tuned classifier); reconstructions need the decoder: use a "
             f"checkpoint of main_pretrain.py or a released mae_visualize_vit_*.pth / *_full.pth")
-    saved = saved_training_args(checkpoint)
+    saved = saved_args(checkpoint)
     model_name = resolve_setting("model", args.model, saved, None)
     if not model_name:
         raise UserError(f"{args.checkpoint} holds no training arguments naming its model; pass --model "
@@ -169,8 +162,10 @@ def main(args):
     settings = {**saved, "target": target_name}
     if args.teacher_checkpoint:
         settings["teacher_checkpoint"] = args.teacher_checkpoint
-    model, target = build_model_and_target(model_name, settings, info.mean, info.std, args.device,
-                                           img_size=input_size, in_chans=in_chans, norm_pix_loss=norm_pix)
+    model = build_model(model_name, img_size=input_size, in_chans=in_chans, norm_pix_loss=norm_pix)
+    target = build_target(settings, model, info.mean, info.std, args.device)
+    if target is not None:
+        model.set_target(target)
     pred_rows = state["decoder_pred.weight"].shape[0] if "decoder_pred.weight" in state else None
     if target is not None:
         print(f"target: {target.describe()}")

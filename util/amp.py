@@ -10,6 +10,8 @@ import contextlib
 
 import torch
 
+from util.errors import UserError
+
 AMP_CHOICES = ("bf16", "fp16", "none")
 
 
@@ -20,9 +22,9 @@ def resolve_amp(amp: str | None, device: torch.device) -> str:
             return "bf16"
         return "none"
     if amp not in AMP_CHOICES:
-        raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {amp!r}")
+        raise UserError(f"--amp must be one of {AMP_CHOICES}, got {amp!r}")
     if amp == "fp16" and device.type == "cpu":
-        raise ValueError("--amp fp16 needs a GPU; use --amp bf16 or none on CPU")
+        raise UserError("--amp fp16 needs a GPU; use --amp bf16 or none on CPU")
     return amp
 
 

@@ -45,6 +45,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    help="base learning rate: lr = blr x effective batch / 256")
     g.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower bound of the cosine schedule")
     g.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs of linear warmup")
+    g.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: none)")
 
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="imagefolder", choices=DATASETS,

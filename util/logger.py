@@ -72,9 +72,6 @@ class MetricLogger:
                 self.meters[name] = Meter(fmt="{median:.6f}") if name == "lr" else Meter()
             self.meters[name].update(value, n)
 
-    def add_meter(self, name, meter: Meter):
-        self.meters[name] = meter
-
     def __getattr__(self, name):
         meters = self.__dict__.get("meters", {})
         if name in meters:
@@ -117,8 +114,14 @@ class MetricLogger:
         print(f"{header} Total time: {elapsed} ({(time.time() - start_time) / max(total - start, 1):.4f} s / it)")
 
 
-def write_log_line(output_dir, stats: dict) -> None:
-    """Append one JSON line to ``output_dir/log.txt`` (rank 0 only)."""
+def write_log_line(output_dir, stats: dict, log_writer=None) -> None:
+    """Append the epoch's ``stats`` as one JSON line to ``output_dir/log.txt`` (rank 0 only); the test metrics also
+    go to TensorBoard (``perf/test_*``), whose writer is flushed."""
+    if log_writer is not None:
+        for key in ("test_acc1", "test_acc5", "test_loss"):
+            if key in stats:
+                log_writer.add_scalar(f"perf/{key}", stats[key], stats["epoch"])
+        log_writer.flush()
     if not output_dir or not distributed.is_main_process():
         return
     with open(os.path.join(output_dir, "log.txt"), mode="a", encoding="utf-8") as f:

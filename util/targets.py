@@ -12,8 +12,9 @@
   resampled to the student's patch grid, normalised by a LayerNorm without affine parameters. Loss: smooth-L1
   (MaskDistill) or 2 - 2 cos (MILAN).
 
-A generator is a plain object, not an ``nn.Module`` attached to the student: the teacher is therefore never in
-the student's state dict (checkpoints), parameters (optimizer) or DDP wrapper.
+A generator is a plain object with ``dim`` (values per patch) and ``loss``, which the model holds through
+``MaskedAutoencoderViT.set_target``; it is no ``nn.Module`` of the student, so a teacher is never in the student's
+state dict (checkpoints), parameters (optimizer) or DDP wrapper.
 """
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ import argparse
 import math
 import sys
 
+import timm
 import torch
 import torch.nn.functional as F
 
-from util.checkpoint import load_checkpoint_file, model_state_dict
+from util.checkpoint import fit_state_dict, load_checkpoint_file, model_state_dict, saved_args
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, dataset_info
 from util.errors import UserError
+from util.runtime import build_model
 
 TARGETS = ("pixel", "norm_pixel", "hog", "teacher")
 TEACHER_LOSSES = ("smooth_l1", "cosine")
@@ -39,24 +43,6 @@ UNUSED_TEACHER_PREFIXES = ("head.", "norm.", "fc_norm.", "head_drop.")
 # for a DINOv2 file, so they go before it runs
 MAE_ONLY_PREFIXES = ("decoder_", "mask_token")
 TEACHER_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_pretrained", "teacher_input_size", "target_loss")
-
-
-# ------------------------------------------------------------------ losses
-def patch_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Loss per patch (N, L) between predictions and targets (N, L, D), in float32."""
-    pred, target = pred.float(), target.float()
-    if kind == "mse":
-        return ((pred - target) ** 2).mean(dim=-1)
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(pred, target, reduction="none").mean(dim=-1)
-    if kind == "cosine":
-        return 2.0 - 2.0 * patch_cosine(pred, target)
-    raise ValueError(f"unknown target loss {kind!r}; choose mse, smooth_l1 or cosine")
-
-
-def patch_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity per patch (N, L); 0 where either vector is zero (a flat patch's HOG)."""
-    return F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-8)
 
 
 # ------------------------------------------------------------------ HOG
@@ -162,13 +148,10 @@ def _encoder_name(model_name: str) -> str:
 
 
 def _create_teacher(name: str, img_size: int, pretrained: bool, in_chans: int | None) -> torch.nn.Module:
-    import models_vit
-    from util.runtime import build_model
-
     kwargs = dict(num_classes=0, img_size=img_size)
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
-    if hasattr(models_vit, name):
+    if name in timm.list_models(module="models_vit"):
         kwargs["global_pool"] = False  # the MAE layout: class token, final norm (unused, but its keys load)
     if pretrained:
         kwargs["pretrained"] = True
@@ -197,16 +180,8 @@ def _load_teacher_weights(teacher: torch.nn.Module, state: dict, path: str, name
             state = filter_fn(state, teacher)
         except Exception as e:  # a file of another architecture fails in the conversion
             raise UserError(f"{path} does not fit the teacher {name}: {type(e).__name__}: {e}") from None
-    expected = teacher.state_dict()
-    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    missing = [k for k in expected if k not in state and not k.startswith(UNUSED_TEACHER_PREFIXES)]
-    if mismatched or missing:
-        details = "; ".join(([f"shape mismatch for {', '.join(mismatched[:6])}"] if mismatched else [])
-                            + ([f"missing keys {', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}"]
-                               if missing else []))
-        raise UserError(f"{path} does not fit the teacher {name}: {details}")
-    teacher.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    fit_state_dict(teacher, state, path, may_miss=UNUSED_TEACHER_PREFIXES, may_ignore=("",), adapt=False,
+                   name=f"the teacher {name}")
 
 
 def load_teacher(model_name, checkpoint, pretrained: bool, img_size: int):
@@ -217,8 +192,6 @@ def load_teacher(model_name, checkpoint, pretrained: bool, img_size: int):
     gives its encoder). ``pretrained``: timm's hub weights instead, downloaded only then.
     Returns ``(teacher, mean, std, description)``.
     """
-    from util.datasets import IMAGENET_MEAN, IMAGENET_STD, dataset_info
-
     if pretrained and checkpoint:
         raise UserError("--teacher_pretrained downloads the hub weights; it conflicts with --teacher_checkpoint")
     if not pretrained and not checkpoint:
@@ -228,8 +201,7 @@ def load_teacher(model_name, checkpoint, pretrained: bool, img_size: int):
     if checkpoint:
         loaded = load_checkpoint_file(checkpoint)
         state = model_state_dict(loaded, checkpoint)
-        saved = loaded.get("args") if isinstance(loaded, dict) else None
-        saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved if isinstance(saved, dict) else {})
+        saved = saved_args(loaded)
         if not model_name:
             model_name = saved.get("model")
             if not model_name:
@@ -321,10 +293,9 @@ class TeacherTarget:
 
 
 # ------------------------------------------------------------------ from the command line
-def resolve_target_args(args) -> None:
-    """Check the target flags together and fill in their defaults, in place, so the checkpoint's arguments
-    say exactly what was trained: ``target``, ``norm_pix_loss`` (True only for norm_pixel), ``hog_cell``
-    and ``target_loss`` (None where they do not apply)."""
+def target_name(args) -> str:
+    """The target that ``--target`` / ``--norm_pix_loss`` ask for, after checking that the target's other flags
+    apply to it."""
     target = args.target
     if args.norm_pix_loss:  # the original's spelling of norm_pixel
         if target not in (None, "norm_pixel"):
@@ -339,55 +310,27 @@ def resolve_target_args(args) -> None:
         given = [f"--{flag}" for flag in TEACHER_FLAGS if getattr(args, flag, None) not in (None, False)]
         if given or args.teacher_layer != -1:
             raise UserError(f"{', '.join(given or ['--teacher_layer'])} applies to --target teacher, not {target}")
-    elif args.target_loss is None:
-        args.target_loss = "smooth_l1"
-    args.target = target
-    args.norm_pix_loss = target == "norm_pixel"
+    return target
 
 
 def build_target(settings: dict, student, data_mean, data_std, device="cpu"):
-    """The generator for ``settings['target']`` (a run's arguments as a dict), fitted to ``student``'s patches
-    (any module with a timm ``patch_embed``, even one on the meta device); None for the pixel targets, which
-    the model computes itself."""
+    """The generator for ``settings['target']`` (a run's arguments as a dict) fitted to ``student``'s patches, for
+    ``student.set_target``; None for the pixel targets, which the model computes itself."""
     target = settings.get("target") or ("norm_pixel" if settings.get("norm_pix_loss") else "pixel")
     patch_embed = student.patch_embed
     if target in ("pixel", "norm_pixel"):
         return None
-    in_chans = patch_embed.proj.in_channels
     if target == "hog":
         patch_h, patch_w = patch_embed.patch_size
         if patch_h != patch_w:
             raise UserError(f"--target hog needs square patches, not {patch_h}x{patch_w}")
-        return HOGTarget(patch_h, in_chans, settings.get("hog_cell"))
+        return HOGTarget(patch_h, patch_embed.proj.in_channels, settings.get("hog_cell"))
     if target == "teacher":
-        student_size = patch_embed.img_size[0]
-        input_size = settings.get("teacher_input_size") or student_size
+        input_size = settings.get("teacher_input_size") or patch_embed.img_size[0]
         teacher, mean, std, label = load_teacher(settings.get("teacher_model"), settings.get("teacher_checkpoint"),
                                                  bool(settings.get("teacher_pretrained")), input_size)
+        layer = settings.get("teacher_layer")
         return TeacherTarget(teacher, mean=mean, std=std, data_mean=data_mean, data_std=data_std,
-                             input_size=input_size, grid=patch_embed.grid_size,
-                             layer=int(settings["teacher_layer"] if settings.get("teacher_layer") is not None else -1),
+                             input_size=input_size, grid=patch_embed.grid_size, layer=-1 if layer is None else int(layer),
                              loss=settings.get("target_loss") or "smooth_l1", label=label, device=device)
     raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-
-
-def model_kwargs(target) -> dict:
-    """Constructor options of MaskedAutoencoderViT for ``target``: none for pixels (the original layout)."""
-    if target is None:
-        return {}
-    return dict(pred_dim=target.dim, target_loss=target.loss)
-
-
-def build_model_and_target(model_name: str, settings: dict, data_mean, data_std, device="cpu", **model_args):
-    """The MAE model ``model_name`` (``model_args``: img_size, in_chans, norm_pix_loss, ...) and the target
-    generator of ``settings`` fitted to it. The decoder's width follows the target's, so the target is built
-    first, on the patch geometry of an unallocated (meta device) copy of the model. Returns ``(model, target)``,
-    target None for pixels."""
-    from util.runtime import build_model
-
-    if (settings.get("target") or "pixel") in ("pixel", "norm_pixel"):
-        return build_model(model_name, **model_args), None
-    with torch.device("meta"):
-        geometry = build_model(model_name, **model_args)
-    target = build_target(settings, geometry, data_mean, data_std, device)
-    return build_model(model_name, **model_args, **model_kwargs(target)), target

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from util import distributed
+from util.datasets import build_dataset, build_transform, dataset_info
 from util.errors import UserError
 
 NORM_PIX_NOTE = "prediction de-normalised with each patch's mean/std (norm_pix_loss)"
@@ -203,7 +205,6 @@ def similarity_colours(similarity: torch.Tensor) -> torch.Tensor:
 def compare_with_target(model, target, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> TargetComparison:
     """Run a non-pixel ``model`` like :func:`reconstruct` and compare its predictions with ``target(imgs)`` (a
     generator of util/targets.py) patch by patch."""
-    from util.targets import patch_cosine
 
     model = unwrap_model(model)
     device = next(model.parameters()).device
@@ -211,8 +212,8 @@ def compare_with_target(model, target, imgs: torch.Tensor, noise: torch.Tensor, 
     with evaluating(model):
         on_device = imgs.to(device)
         wanted = target(on_device)
-        loss, pred, mask = model(on_device, mask_ratio=mask_ratio, noise=noise.to(device), target=wanted)
-        similarity = patch_cosine(pred, wanted).cpu()
+        loss, pred, mask = model(on_device, mask_ratio=mask_ratio, noise=noise.to(device))
+        similarity = F.cosine_similarity(pred.float(), wanted.float(), dim=-1, eps=1e-8).cpu()
     mask = mask.float().cpu()
     p, q = model.patch_size
     colours = similarity_colours(similarity)  # (N, L, 3), one colour per patch, spread over its pixels
@@ -386,54 +387,42 @@ def save_png(image: np.ndarray, path) -> None:
 
 # ------------------------------------------------------------------ during pretraining
 class ReconstructionLogger:
-    """Draws reconstructions of the same held-out images with the same masks after chosen epochs.
+    """Draws reconstructions of the same held-out images with the same masks after chosen epochs of a pretraining
+    run: ``OUTPUT_DIR/vis/epoch_XXXX.png`` and the TensorBoard image ``reconstruction``, on rank 0 only. It restores
+    the model's train/eval mode and leaves the global RNG state as it was. A model with a non-pixel target
+    (util/targets.py) gets the similarity grid instead."""
 
-    ``images`` are normalised (N, C, H, W) tensors, e.g. from ``held_out_images``. Calling the logger writes
-    ``OUTPUT_DIR/vis/epoch_XXXX.png`` and the TensorBoard image ``reconstruction`` on rank 0 (other ranks
-    return at once). It restores the model's train/eval mode and leaves the global RNG state as it was. With a
-    non-pixel ``target`` generator (util/targets.py) it draws the similarity grid instead.
-    """
+    def __init__(self, args, num_images: int = 8, seed: int = 0):
+        self.output_dir, self.mask_ratio, self.seed = args.output_dir, args.mask_ratio, seed
+        self.active = distributed.is_main_process() and bool(args.output_dir or args.log_dir)
+        if self.active:
+            info = dataset_info(args)
+            self.images, self.mean, self.std = held_out_images(args, num_images), info.mean, info.std
 
-    def __init__(self, images: torch.Tensor, mean, std, mask_ratio: float, seed: int = 0, tag: str = "reconstruction",
-                 target=None):
-        self.images = images.detach().float().cpu()
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.mask_ratio = mask_ratio
-        self.seed = seed
-        self.tag = tag
-        self.target = target
-
-    def noise(self, num_patches: int) -> torch.Tensor:
-        # drawn again each time from the same seed: identical masks every epoch, no state to keep
-        return fixed_noise(len(self.images), num_patches, self.seed)
-
-    def __call__(self, model, epoch: int, output_dir, log_writer=None):
+    def log(self, model, epoch: int, log_writer=None):
         """Returns the PNG path written (None when none was)."""
-        if not distributed.is_main_process() or (not output_dir and log_writer is None):
+        if not self.active:
             return None
-        model = unwrap_model(model)
         device = next(model.parameters()).device
         cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
+        noise = fixed_noise(len(self.images), model.patch_embed.num_patches, self.seed)  # the same masks every epoch
         # the forward with given noise draws no random numbers; fork_rng guarantees it stays so
         with torch.random.fork_rng(devices=cuda_devices):
-            image, _ = reconstruction_grid(model, self.images, self.noise(model.patch_embed.num_patches),
-                                           self.mean, self.std, self.mask_ratio, title=f"epoch {epoch}",
-                                           target=self.target)
+            image, _ = reconstruction_grid(model, self.images, noise, self.mean, self.std, self.mask_ratio,
+                                           title=f"epoch {epoch}", target=model.target_fn)
         path = None
-        if output_dir:
-            path = os.path.join(output_dir, "vis", f"epoch_{epoch:04d}.png")
+        if self.output_dir:
+            path = os.path.join(self.output_dir, "vis", f"epoch_{epoch:04d}.png")
             save_png(image, path)
         if log_writer is not None:
-            log_writer.add_image(self.tag, torch.from_numpy(image).permute(2, 0, 1), epoch)  # uint8 CHW
+            log_writer.add_image("reconstruction", torch.from_numpy(image).permute(2, 0, 1), epoch)  # uint8 CHW
         return path
 
 
 def held_out_images(args, num_images: int = 8) -> torch.Tensor:
     """``num_images`` images spread evenly over the validation split (the training split when there is
     none), with the deterministic evaluation transform, stacked (N, C, H, W)."""
-    from util.datasets import build_dataset, build_transform
-
     transform = build_transform("eval", args)
     try:
         dataset = build_dataset("val", args, transform)
@@ -445,19 +434,6 @@ def held_out_images(args, num_images: int = 8) -> torch.Tensor:
     # evenly spaced, not the first k: class-sorted splits would otherwise show a single class
     indices = sorted({round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)})
     return torch.stack([dataset[i][0] for i in indices])
-
-
-def build_reconstruction_logger(args, num_images: int = 8, seed: int = 0, target=None):
-    """A ReconstructionLogger for a pretraining run (``args.mask_ratio``, the run's dataset statistics, its
-    non-pixel ``target`` generator if any), or None on ranks other than 0 and when the run writes neither
-    ``output_dir`` nor ``log_dir``."""
-    from util.datasets import dataset_info
-
-    if not distributed.is_main_process() or not (args.output_dir or args.log_dir):
-        return None
-    info = dataset_info(args)
-    return ReconstructionLogger(held_out_images(args, num_images), info.mean, info.std, args.mask_ratio, seed=seed,
-                                target=target)
 
 
 # ------------------------------------------------------------------ loss curve
