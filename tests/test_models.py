@@ -231,13 +231,19 @@ def test_every_mae_constructor_has_a_classifier_twin():
         assert name[len("mae_"):] in timm.list_models("vit_*"), name
 
 
-def test_pred_dim_changes_only_the_prediction_layer_and_target_loss_no_state():
+def test_a_target_changes_only_the_prediction_layer_and_adds_no_state():
+    class Target:  # a generator of 108 values per patch, as HOG of 4-px patches with 2 cells would be
+        dim, loss = 108, "cosine"
+
+        def __call__(self, imgs):
+            return torch.randn(imgs.shape[0], 16, 108)
+
     layout = original_layout(32, 2, 16, 1, 4, 3, 17)
+    assert {k: tuple(v.shape) for k, v in tiny_mae().state_dict().items()} == layout
+    model = tiny_mae()
+    model.set_target(Target())
     layout.update({"decoder_pred.weight": (108, 16), "decoder_pred.bias": (108,)})
-    model = tiny_mae(pred_dim=108, target_loss="cosine")
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == layout
     assert model.target_loss == "cosine"
-    assert {k: tuple(v.shape) for k, v in tiny_mae(pred_dim=None).state_dict().items()} == \
-        original_layout(32, 2, 16, 1, 4, 3, 17)
-    loss, pred, _ = model(torch.randn(2, 3, 16, 16), target=torch.randn(2, 16, 108))
+    loss, pred, _ = model(torch.randn(2, 3, 16, 16))
     assert pred.shape == (2, 16, 108) and torch.isfinite(loss)

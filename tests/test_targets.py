@@ -17,10 +17,19 @@ from conftest import run_program, tiny_pretrain_argv
 from util.errors import UserError
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.runtime import build_model
-from util.targets import (HOG_BINS, HOGTarget, TeacherTarget, build_model_and_target, build_target, hog_histograms,
-                          patch_gaussian, patch_loss, resolve_target_args)
+from util.targets import HOG_BINS, HOGTarget, TeacherTarget, build_target, hog_histograms, patch_gaussian, target_name
 
 GREY_MEAN, GREY_STD = (0.3,), (0.4,)
+
+
+class FixedTarget:
+    """A target generator that returns a given tensor, whatever the images."""
+
+    def __init__(self, values, loss="mse"):
+        self.values, self.loss, self.dim = values, loss, values.shape[-1]
+
+    def __call__(self, imgs):
+        return self.values
 
 
 def tiny_student(in_chans=3, img_size=32, patch_size=4, **kwargs):
@@ -111,9 +120,10 @@ def test_hog_runs_in_float32_under_autocast():
 @pytest.mark.parametrize("kind", ["mse", "smooth_l1", "cosine"])
 def test_model_loss_with_a_target_counts_removed_patches_only(kind):
     torch.manual_seed(0)
-    model = tiny_student(pred_dim=7, target_loss=kind)
+    model = tiny_student()
     imgs, wanted = torch.randn(2, 3, 32, 32), torch.randn(2, 64, 7)
-    loss, pred, mask = model(imgs, 0.75, target=wanted)
+    model.set_target(FixedTarget(wanted, kind))
+    loss, pred, mask = model(imgs, 0.75)
     assert pred.shape == (2, 64, 7)
     removed = mask.bool()
     if kind == "mse":
@@ -126,17 +136,18 @@ def test_model_loss_with_a_target_counts_removed_patches_only(kind):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # the targets of visible patches do not count
     noise = torch.rand(2, 64)
-    base, _, mask = model(imgs, 0.75, noise=noise, target=wanted)
+    base, _, mask = model(imgs, 0.75, noise=noise)
     changed = wanted.clone()
     changed[~mask.bool()] = 100.0
-    assert model(imgs, 0.75, noise=noise, target=changed)[0].item() == pytest.approx(base.item(), rel=1e-6)
+    model.set_target(FixedTarget(changed, kind))
+    assert model(imgs, 0.75, noise=noise)[0].item() == pytest.approx(base.item(), rel=1e-6)
 
 
-def test_a_target_of_the_wrong_width_is_refused():
-    with pytest.raises(ValueError, match="pred_dim must equal the target's width"):
-        tiny_student(pred_dim=7)(torch.randn(1, 3, 32, 32), target=torch.randn(1, 64, 8))
+def test_an_unknown_target_loss_is_refused():
+    model = tiny_student()
+    model.set_target(FixedTarget(torch.zeros(1, 64, 2), "l3"))
     with pytest.raises(ValueError, match="unknown target loss"):
-        patch_loss(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), "l3")
+        model(torch.randn(1, 3, 32, 32))
 
 
 # ------------------------------------------------------------------ teacher
@@ -202,15 +213,16 @@ def test_teacher_layer_is_chosen_and_checked(timm_teacher_file):
 def test_no_gradient_reaches_the_teacher_and_the_loss_falls_on_a_fixed_batch(timm_teacher_file):
     torch.manual_seed(0)
     settings = teacher_settings(timm_teacher_file, target_loss="cosine")
-    student, target = build_model_and_target("mae_vit_tiny_patch4", settings, IMAGENET_MEAN, IMAGENET_STD,
-                                             img_size=32, depth=1, decoder_depth=1)
+    student = build_model("mae_vit_tiny_patch4", img_size=32, depth=1, decoder_depth=1)
+    target = build_target(settings, student, IMAGENET_MEAN, IMAGENET_STD)
+    student.set_target(target)
     assert student.decoder_pred.out_features == 64 and student.target_loss == "cosine"
     imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 64)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     student.train()
     losses = []
     for _ in range(8):
-        loss = student(imgs, 0.75, noise=noise, target=target(imgs))[0]
+        loss = student(imgs, 0.75, noise=noise)[0]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -263,15 +275,10 @@ def parsed(*argv):
 
 
 def test_target_flags_resolve_and_conflicts_are_refused():
-    args = parsed("--norm_pix_loss")
-    resolve_target_args(args)
-    assert args.target == "norm_pixel" and args.norm_pix_loss
-    args = parsed("--target", "norm_pixel")
-    resolve_target_args(args)
-    assert args.norm_pix_loss and args.target_loss is None
-    args = parsed("--target", "teacher", "--teacher_checkpoint", "t.pth")
-    resolve_target_args(args)
-    assert args.target_loss == "smooth_l1" and not args.norm_pix_loss
+    assert target_name(parsed("--norm_pix_loss")) == "norm_pixel"
+    assert target_name(parsed("--target", "norm_pixel")) == "norm_pixel"
+    assert target_name(parsed()) == "pixel"
+    assert target_name(parsed("--target", "teacher", "--teacher_checkpoint", "t.pth")) == "teacher"
     for argv, message in [(("--norm_pix_loss", "--target", "hog"), "--norm_pix_loss means --target norm_pixel"),
                           (("--norm_pix_loss", "--target", "pixel"), "conflicts with --target pixel"),
                           (("--target", "hog", "--teacher_model", "test_vit"), "--teacher_model applies to --target"),
@@ -279,7 +286,7 @@ def test_target_flags_resolve_and_conflicts_are_refused():
                           (("--hog_cell", "4",), "--hog_cell applies to --target hog"),
                           (("--target", "hog", "--teacher_layer", "2"), "--teacher_layer applies")]:
         with pytest.raises(UserError, match=message):
-            resolve_target_args(parsed(*argv))
+            target_name(parsed(*argv))
 
 
 # ------------------------------------------------------------------ pretraining, fine-tuning, resuming
@@ -376,10 +383,10 @@ def test_resuming_with_the_same_width_but_another_target_is_refused(imagefolder,
         main_pretrain.main(args)
 
 
-def test_resolve_is_idempotent_for_saved_arguments():
-    """Arguments saved in a checkpoint resolve to themselves (visualize.py and resumes read them back)."""
-    args = parsed("--target", "hog", "--hog_cell", "2")
-    resolve_target_args(args)
-    again = argparse.Namespace(**vars(args))
-    resolve_target_args(again)
-    assert vars(again) == vars(args)
+def test_saved_target_arguments_resolve_to_themselves():
+    """A checkpoint's saved arguments name the target that was trained (visualize.py and resumes read them back)."""
+    for argv in (("--target", "hog", "--hog_cell", "2"), ("--norm_pix_loss",), ()):
+        args = parsed(*argv)
+        args.target = target_name(args)
+        args.norm_pix_loss = args.target == "norm_pixel"
+        assert target_name(argparse.Namespace(**vars(args))) == args.target
