@@ -42,7 +42,8 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, updater, args,
             lr = lr_sched.adjust_learning_rate(optimizer, step / steps + epoch, args)
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        update = (step + 1) % accum_iter == 0 or step + 1 == steps
+        # as the original: an epoch's leftover micro-batches (len % accum_iter) never make an update
+        update = (step + 1) % accum_iter == 0
         # intermediate micro-steps accumulate locally; the all-reduce happens once, on the update step
         with contextlib.nullcontext() if update else no_sync():
             with autocast(args.amp, device):

@@ -10,7 +10,9 @@ import main_pretrain
 from conftest import run_program, tiny_pretrain_argv
 from engine import train_one_epoch
 from util.amp import GradientUpdater
+from util.datasets import build_dataset, build_transform
 from util.loader import build_loader
+from util.runtime import build_model
 
 
 def pretrain_in_process(argv):
@@ -76,11 +78,12 @@ class CountingNoSync(torch.nn.Module):
         super().__init__()
         self.module = module
         self.in_no_sync = False
-        self.calls = []
+        self.calls, self.samples = [], []
 
-    def forward(self, *args, **kwargs):
+    def forward(self, samples, *args, **kwargs):
         self.calls.append(self.in_no_sync)
-        return self.module(*args, **kwargs)
+        self.samples.append(samples.clone())
+        return self.module(samples, *args, **kwargs)
 
     def no_sync(self):
         import contextlib
@@ -93,36 +96,58 @@ class CountingNoSync(torch.nn.Module):
         return ctx()
 
 
-def one_epoch_grads(imagefolder, batch_size, accum_iter, wrap=None):
-    """Parameter change after one epoch of plain SGD (lr 1) = minus the accumulated gradient."""
+class FixedMaskMAE(torch.nn.Module):
+    """The model with a mask fixed by each image, so different batchings see the same masks."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, samples, mask_ratio):
+        noise = samples[:, 0, 0, :].repeat(1, 2)[:, :64] + torch.arange(64) * 1e-3
+        return self.model(samples, mask_ratio, noise=noise)
+
+
+def one_epoch(imagefolder, batch_size, accum_iter, images=8, wrap=None):
+    """Parameter change after one epoch of plain SGD (lr 1), and the number of optimizer steps taken."""
     args = main_pretrain.get_args_parser().parse_args(tiny_pretrain_argv(imagefolder, "", "--batch_size", batch_size,
                                                                          "--accum_iter", accum_iter))
     args.lr, args.min_lr, args.warmup_epochs, args.epochs, args.amp = 1.0, 1.0, 0, 1, "none"
     torch.manual_seed(0)
-    model = main_pretrain.build_model("mae_vit_tiny_patch4", img_size=32, depth=2, decoder_depth=1)
+    model = build_model("mae_vit_tiny_patch4", img_size=32, depth=2, decoder_depth=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    from util.datasets import build_dataset, build_transform
-
-    dataset = torch.utils.data.Subset(build_dataset("train", args, build_transform("eval", args)), range(8))
+    dataset = torch.utils.data.Subset(build_dataset("train", args, build_transform("eval", args)), range(images))
     loader = build_loader(dataset, args, train=True)
-
-    def loss_fn(model, samples, _):
-        noise = samples[:, 0, 0, :].repeat(1, 2)[:, :64] + torch.arange(64) * 1e-3  # a mask fixed by the image
-        return model(samples, 0.75, noise=noise)[0]
-
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    runner = wrap(model) if wrap else model
-    train_one_epoch(runner, loss_fn, loader, optimizer, torch.device("cpu"), 0, GradientUpdater("none", torch.device("cpu")), args)
-    return {k: before[k] - v for k, v in model.state_dict().items()}, runner
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    runner = wrap(FixedMaskMAE(model)) if wrap else FixedMaskMAE(model)
+    train_one_epoch(runner, loader, optimizer, torch.device("cpu"), 0, GradientUpdater("none", torch.device("cpu")), args)
+    return {k: before[k] - v for k, v in model.state_dict().items()}, runner, len(steps)
 
 
 def test_accumulating_2x4_gives_the_gradients_of_batch_8(imagefolder):
-    full, _ = one_epoch_grads(imagefolder, 8, 1)
-    accumulated, runner = one_epoch_grads(imagefolder, 4, 2, wrap=CountingNoSync)
+    full, _, _ = one_epoch(imagefolder, 8, 1)
+    accumulated, runner, _ = one_epoch(imagefolder, 4, 2, wrap=CountingNoSync)
     assert runner.calls == [True, False]  # the first micro-step skips the all-reduce, the update step syncs
     for key in full:
         assert torch.allclose(full[key], accumulated[key], atol=1e-6), key
     assert any(full[key].abs().sum() > 0 for key in full)
+
+
+def test_leftover_micro_batches_make_no_update(imagefolder):
+    """As the original: 3 micro-batches with --accum_iter 2 make one update, from the first two only."""
+    change, runner, steps = one_epoch(imagefolder, 4, 2, images=12, wrap=CountingNoSync)
+    assert steps == 1
+    assert runner.calls == [True, False, True]  # the leftover micro-step never all-reduces either
+    torch.manual_seed(0)
+    model = build_model("mae_vit_tiny_patch4", img_size=32, depth=2, decoder_depth=1)
+    model.train()
+    for samples in runner.samples[:2]:
+        (FixedMaskMAE(model)(samples, 0.75)[0] / 2).backward()
+    for name, param in model.named_parameters():
+        expected = param.grad if param.grad is not None else torch.zeros_like(param)
+        assert torch.allclose(change[name], expected, atol=1e-6), name
 
 
 def one_line_error(result):
