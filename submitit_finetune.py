@@ -6,7 +6,7 @@
         --reprob 0.25 --mixup 0.8 --cutmix 1.0 --epochs 100 --dist_eval
 
 The job requeues itself on preemption and at its time limit, and resumes from JOB_DIR/checkpoint-last.pth.
-``--dry_run`` prints the sbatch script instead of submitting; ``--ngpus 0 --tasks_per_node N`` runs on CPUs.
+``--dry_run`` prints the sbatch parameters instead of submitting; ``--ngpus 0 --tasks_per_node N`` runs on CPUs.
 """
 from util.launcher import launch
 

@@ -5,7 +5,7 @@
         --batch_size 512 --blr 0.1 --weight_decay 0.0 --epochs 90 --dist_eval
 
 The job requeues itself on preemption and at its time limit, and resumes from JOB_DIR/checkpoint-last.pth.
-``--dry_run`` prints the sbatch script instead of submitting; ``--ngpus 0 --tasks_per_node N`` runs on CPUs.
+``--dry_run`` prints the sbatch parameters instead of submitting; ``--ngpus 0 --tasks_per_node N`` runs on CPUs.
 """
 from util.launcher import launch
 

@@ -5,7 +5,7 @@
         --batch_size 64 --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05
 
 The job requeues itself on preemption and at its time limit, and resumes from JOB_DIR/checkpoint-last.pth.
-``--dry_run`` prints the sbatch script instead of submitting; ``--ngpus 0 --tasks_per_node N`` runs on CPUs.
+``--dry_run`` prints the sbatch parameters instead of submitting; ``--ngpus 0 --tasks_per_node N`` runs on CPUs.
 """
 from util.launcher import launch
 

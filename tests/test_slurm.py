@@ -1,4 +1,4 @@
-"""The SLURM launchers (submitit_*.py, util/launcher.py): the sbatch script they generate, and real jobs on a
+"""The SLURM launchers (submitit_*.py, util/launcher.py): the sbatch parameters they submit, and real jobs on a
 single-node SLURM cluster brought up by tests/slurm/cluster.sh -- a 2-task CPU pretraining run, and runs that
 are preempted (USR2, as before a time limit or on preemption) or requeued by SLURM mid-training and must
 resume from their last checkpoint.
@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,22 +27,25 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 JOB_TIMEOUT = 420  # s; generous: other tests may be loading this machine's cores
 
 
-# ---------------------------------------------------------------- without SLURM: the generated script
-def test_dry_run_prints_the_sbatch_script(tmp_path):
+# ---------------------------------------------------------------- without SLURM: the sbatch parameters
+def test_dry_run_prints_the_sbatch_parameters(tmp_path):
     job_dir = tmp_path / "jobs" / "%j"
     result = run_program("submitit_pretrain.py", "--nodes", "1", "--ngpus", "0", "--tasks_per_node", "2",
                          "--partition", "debug", "--model", "mae_vit_tiny_patch4", "--input_size", "32",
                          "--data_path", tmp_path / "data", "--epochs", "3", "--num_workers", "0",
                          "--job_dir", job_dir, "--dry_run", timeout=120)
     assert result.returncode == 0, result.stderr
-    script = result.stdout
-    assert script.startswith("#!/bin/bash")
+    lines = result.stdout.splitlines()
     for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --partition=debug", "#SBATCH --nodes=1",
-                 "#SBATCH --cpus-per-task=1", "#SBATCH --signal=USR2@120", f"#SBATCH --output={job_dir}/%j_0_log.out"):
-        assert line in script.splitlines(), f"{line!r} not in\n{script}"
-    assert "--gpus-per-node" not in script  # --ngpus 0: a CPU job
-    assert f"-m submitit.core._submit {job_dir}" in script
-    assert f"export PYTHONPATH={REPO}" in script  # the job imports util.launcher and main_pretrain
+                 "#SBATCH --cpus-per-task=1", "#SBATCH --signal=USR2@120", "#SBATCH --time=4320",
+                 "#SBATCH --job-name=mae_pretrain"):
+        assert line in lines, f"{line!r} not in\n{result.stdout}"
+    assert "--gpus-per-node" not in result.stdout  # --ngpus 0: a CPU job
+    assert f"export PYTHONPATH={REPO}" in result.stdout  # the job imports util.launcher and main_pretrain
+    # then the command: this interpreter (the same virtual environment) runs main_pretrain.main in the job dir
+    assert lines[-1] == f"# command (srun, every task): {sys.executable} running main_pretrain.main(args), " \
+                        f"output in {job_dir}"
+    assert "nothing submitted" in result.stderr
     assert not (tmp_path / "jobs").exists()  # nothing submitted, nothing written
 
 
@@ -69,18 +73,18 @@ def test_launcher_takes_the_programs_flags(program, tmp_path, capsys):
 def test_help_lists_the_slurm_flags_and_says_where_output_goes(program):
     from util.launcher import build_parser
 
-    parser = build_parser(program)
-    flags = {option for action in parser._actions for option in action.option_strings}
+    text = " ".join(build_parser(program).format_help().split())
+    flags = set(re.findall(r"--\w+", text))
     for flag in ("--nodes", "--ngpus", "--tasks_per_node", "--cpus_per_task", "--mem_gb", "--timeout", "--partition",
                  "--account", "--qos", "--constraint", "--exclude", "--comment", "--job_dir", "--dry_run",
                  "--epochs", "--data_path", "--save_every_iters"):  # the last three: the program's own
         assert flag in flags
-    text = " ".join(parser.format_help().split())
     assert f"usage: submitit_{program.removeprefix('main_')}.py" in text
-    # the program's --output_dir/--log_dir/--device/--resume work differently in a job; --help says how
-    assert "--output_dir OUTPUT_DIR not accepted here: checkpoints and log.txt go to --job_dir" in text
-    assert "--device DEVICE cuda or cpu (default: cuda with --ngpus N, cpu with --ngpus 0)" in text
-    assert "resumes from JOB_DIR/checkpoint-last.pth" in text
+    # the program's --output_dir/--log_dir/--device/--resume/--auto_resume work differently in a job: the epilog
+    assert "log.txt, TensorBoard and SLURM logs all go to --job_dir (--output_dir and --log_dir are not accepted)" in text
+    assert "--device defaults to cuda with --ngpus N and to cpu with --ngpus 0" in text
+    assert "--auto_resume is always on" in text and "resumes from JOB_DIR/checkpoint-last.pth" in text
+    assert "--resume only seeds the first run" in text
 
 
 def test_rendezvous_is_the_jobs_first_node(monkeypatch):

@@ -18,6 +18,7 @@ import re
 
 import torch
 import torch.distributed as dist
+from submitit.slurm.slurm import SlurmJobEnvironment
 
 
 def is_dist() -> bool:
@@ -45,8 +46,6 @@ def slurm_master_addr() -> str:
     """The job's first node (``SLURM_JOB_NODELIST`` such as ``gpu[003-005,9]-ib,cpu1`` -> ``gpu003-ib``).
 
     submitit, a dependency, already parses SLURM's compressed node lists; plain ``srun`` tasks use it too."""
-    from submitit.slurm.slurm import SlurmJobEnvironment
-
     return SlurmJobEnvironment().hostnames[0]
 
 
@@ -105,15 +104,6 @@ def _print_only_on_main(is_main: bool) -> None:
 def destroy() -> None:
     if is_dist():
         dist.destroy_process_group()
-
-
-def all_reduce_mean(value: float) -> float:
-    """Mean of a Python number over all ranks (one collective; call once per epoch, not per step)."""
-    if not is_dist():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
-    dist.all_reduce(t)
-    return (t / get_world_size()).item()
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:

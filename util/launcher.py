@@ -1,20 +1,16 @@
-"""Running a program on SLURM through submitit: the one launcher behind submitit_pretrain.py,
-submitit_finetune.py and submitit_linprobe.py.
+"""Running a program on SLURM through submitit: the one launcher behind submitit_{pretrain,finetune,linprobe}.py.
 
-The command line is the program's own (every flag of ``main_*.py``) plus the SLURM flags added here. Every
-task of the job runs the program's ``main(args)`` with ``output_dir = log_dir = JOB_DIR`` and ``auto_resume``
-on; ``util.distributed`` sets up the process group from the SLURM environment (rendezvous on the job's first
-node, no shared file).
-
-Preemption and time limits: SLURM sends USR2 shortly before the time limit (``--signal=USR2@120``) and on
-preemption; submitit's handler on rank 0 calls ``Trainer.checkpoint`` and requeues the job. Nothing is saved
-then: ``JOB_DIR/checkpoint-last.pth`` is written atomically every epoch (and every ``--save_every_iters``
-iterations), and every start of the job -- first run, requeue after the signal, or a plain
-``scontrol requeue`` where no handler ran -- resumes from it. At most the work since that file is lost.
+The command line is the program's (every flag of ``main_*.py``) plus the SLURM flags added here. Every task of
+the job runs the program's ``main(args)`` with ``output_dir = log_dir = JOB_DIR`` and ``auto_resume`` on.
+SLURM sends USR2 shortly before the time limit and on preemption; submitit's handler on rank 0 then requeues
+the job (``Trainer.checkpoint``). Nothing is saved at that moment: ``JOB_DIR/checkpoint-last.pth`` is written
+atomically every epoch (and every ``--save_every_iters`` iterations), and every start of the job -- first run,
+requeue after the signal, or a plain ``scontrol requeue`` -- resumes from it.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import os
 import shlex
@@ -22,25 +18,31 @@ import signal
 import sys
 from pathlib import Path
 
+import submitit
+import torch
+from submitit.core.utils import FailedJobError
+
 from util.cli import run
 from util.errors import UserError, one_line
 
 REPO = Path(__file__).resolve().parents[1]
+MEM_GB_PER_GPU = 40  # the original's request; CPU jobs get the site's default unless --mem_gb says otherwise
+SIGNAL_DELAY_S = 120  # the preemption signal this long before the time limit: time to requeue
+PREEMPT_SIGNAL = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
 
-# the original's per-GPU memory request; CPU jobs get the site's default unless --mem_gb says otherwise
-MEM_GB_PER_GPU = 40
-
-# program flags that mean something else in a job: their --help text there
-HELP_IN_JOB = {
-    "output_dir": "not accepted here: checkpoints and log.txt go to --job_dir",
-    "log_dir": "not accepted here: TensorBoard logs go to --job_dir",
-    "device": "cuda or cpu (default: cuda with --ngpus N, cpu with --ngpus 0)",
-    "resume": "start the first run from this checkpoint; every later run resumes from JOB_DIR/checkpoint-last.pth",
-    "auto_resume": "always on: every run of the job resumes from JOB_DIR/checkpoint-last.pth when it exists",
-}
+IN_A_JOB = ("In a job, checkpoints, log.txt, TensorBoard and SLURM logs all go to --job_dir (--output_dir and "
+            "--log_dir are not accepted); --device defaults to cuda with --ngpus N and to cpu with --ngpus 0; "
+            "--auto_resume is always on: every run of the job, requeues included, resumes from "
+            "JOB_DIR/checkpoint-last.pth when it exists, and --resume only seeds the first run.")
 
 
-def add_slurm_args(parser) -> None:
+def build_parser(program: str):
+    """The program's own parser (``main_*.get_args_parser()``) with the SLURM flags added."""
+    parser = importlib.import_module(program).get_args_parser()
+    parser.description = (f"{parser.prog} on SLURM (submitit): the flags of {program}.py, then the SLURM ones; "
+                          "the end says how the output, device and resume flags behave in a job")
+    parser.prog = f"submitit_{program.removeprefix('main_')}.py"
+    parser.epilog = " ".join(filter(None, [IN_A_JOB, parser.epilog]))
     g = parser.add_argument_group("SLURM (submitit)")
     g.add_argument("--nodes", default=1, type=int, help="nodes to request")
     g.add_argument("--ngpus", default=8, type=int,
@@ -53,40 +55,26 @@ def add_slurm_args(parser) -> None:
                    help=f"memory per node in GB (default: {MEM_GB_PER_GPU} per GPU; the site's default on CPU)")
     g.add_argument("--timeout", default=4320, type=int, metavar="MINUTES",
                    help="time limit of one run; the job requeues itself when it is reached (at most 3 times)")
-    g.add_argument("--partition", default=None, help="partition (default: the cluster's default)")
-    g.add_argument("--account", default=None)
-    g.add_argument("--qos", default=None)
-    g.add_argument("--constraint", default=None, help="node features, e.g. volta32gb")
+    for flag, text in (("--partition", "partition (default: the cluster's default)"), ("--account", None),
+                       ("--qos", None), ("--constraint", "node features, e.g. volta32gb"),
+                       ("--exclude", "nodes not to run on"), ("--comment", "comment attached to the job")):
+        g.add_argument(flag, default=None, help=text)
     g.add_argument("--use_volta32", action="store_true", help="same as --constraint volta32gb (the original's flag)")
-    g.add_argument("--exclude", default=None, help="nodes not to run on")
-    g.add_argument("--comment", default=None, help="comment attached to the job")
     g.add_argument("--job_dir", default="jobs/%j",
                    help="checkpoints, log.txt, TensorBoard and SLURM logs (%%j: the job id; relative to the current "
                         "directory). Submitting again with an existing job dir continues the run saved there")
-    g.add_argument("--dry_run", action="store_true", help="print the sbatch script instead of submitting it")
-    # the submitting host usually has no GPU: the device follows --ngpus unless given
-    parser.set_defaults(device=None, output_dir=None, log_dir=None)
-    # --help must describe these program flags as they behave in a job, not as in a direct run
-    for action in parser._actions:
-        action.help = HELP_IN_JOB.get(action.dest, action.help)
-
-
-def build_parser(program: str):
-    """The program's own parser (``main_*.get_args_parser()``) with the SLURM flags added."""
-    parser = importlib.import_module(program).get_args_parser()
-    parser.description = f"{parser.prog} on SLURM (submitit): the flags of {program}.py, then the SLURM ones"
-    parser.prog = f"submitit_{program.removeprefix('main_')}.py"
-    add_slurm_args(parser)
+    g.add_argument("--dry_run", action="store_true", help="print the job's sbatch parameters instead of submitting it")
+    parser.set_defaults(device=None, output_dir=None, log_dir=None)  # device: from --ngpus, not from this host
     return parser
 
 
 def resolve_args(args) -> None:
     """Check the SLURM flags and fill in what depends on them (device, tasks, CPUs, memory)."""
-    for flag in ("nodes", "timeout"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.ngpus < 0:
-        raise UserError(f"--ngpus must be 0 (CPU) or more, got {args.ngpus}")
+    if args.tasks_per_node is None:
+        args.tasks_per_node = args.ngpus or 1
+    for flag, least in (("nodes", 1), ("timeout", 1), ("ngpus", 0), ("tasks_per_node", 1)):
+        if getattr(args, flag) < least:
+            raise UserError(f"--{flag} must be at least {least}, got {getattr(args, flag)}")
     for flag in ("output_dir", "log_dir"):
         if getattr(args, flag) is not None:
             raise UserError(f"--{flag} is not used under SLURM: everything goes to --job_dir")
@@ -94,12 +82,9 @@ def resolve_args(args) -> None:
         args.device = "cuda" if args.ngpus else "cpu"
     elif args.ngpus == 0 and str(args.device).startswith("cuda"):
         raise UserError("--ngpus 0 runs on CPU: drop --device cuda, or ask for GPUs with --ngpus N")
-    if args.tasks_per_node is None:
-        args.tasks_per_node = args.ngpus or 1
-    if args.tasks_per_node < 1:
-        raise UserError(f"--tasks_per_node must be at least 1, got {args.tasks_per_node}")
     if args.ngpus and str(args.device).startswith("cuda") and args.tasks_per_node > args.ngpus:
-        raise UserError(f"--tasks_per_node {args.tasks_per_node} > --ngpus {args.ngpus}: each process needs its own GPU")
+        raise UserError(f"--tasks_per_node {args.tasks_per_node} > --ngpus {args.ngpus}: "
+                        "each process needs its own GPU")
     if args.cpus_per_task is None:
         args.cpus_per_task = args.num_workers + 1
     if args.use_volta32:
@@ -114,84 +99,48 @@ def resolve_args(args) -> None:
 
 def slurm_parameters(program: str, args) -> dict:
     """sbatch parameters, by the names of submitit's SlurmExecutor."""
+    mem = args.mem_gb
     params = dict(
-        job_name=f"mae_{program.removeprefix('main_')}",
-        time=args.timeout,
-        nodes=args.nodes,
-        ntasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task,
-        gpus_per_node=args.ngpus or None,
-        mem=_mem(args.mem_gb),
-        partition=args.partition,
-        account=args.account,
-        qos=args.qos,
-        constraint=args.constraint,
-        exclude=args.exclude,
-        comment=args.comment,
-        # USR2 two minutes before the time limit: time to finish the requeue
-        signal_delay_s=120,
-        # the job unpickles util.launcher.Trainer and imports main_*: the repository must be importable
-        # whatever the working directory
+        job_name=f"mae_{program.removeprefix('main_')}", time=args.timeout, nodes=args.nodes,
+        ntasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, gpus_per_node=args.ngpus or None,
+        mem=None if mem is None else f"{int(mem)}GB" if mem == int(mem) else f"{int(mem * 1024)}MB",
+        partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
+        exclude=args.exclude, comment=args.comment, signal_delay_s=SIGNAL_DELAY_S,
+        # the job unpickles util.launcher.Trainer and imports main_*, whatever its working directory
         setup=[f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"],
     )
     return {k: v for k, v in params.items() if v is not None}
 
 
-def _mem(mem_gb):
-    if mem_gb is None:
-        return None
-    return f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
-
-
-def make_executor(args):
-    import submitit
-
-    class OfflineSlurmExecutor(submitit.SlurmExecutor):
-        # renders the sbatch script where SLURM is not installed (--dry_run)
-        @classmethod
-        def affinity(cls):
-            return 1
-
-    executor_class = OfflineSlurmExecutor if args.dry_run else submitit.SlurmExecutor
-    try:
-        # python=None: the job runs this very interpreter (sys.executable), so the same virtual environment
-        return executor_class(folder=args.job_dir, python=None)
-    except RuntimeError as e:
-        raise UserError(f"{e} (submit from a SLURM login node; --dry_run prints the job script anywhere)") from None
-
-
 def submit(program: str, args):
-    """Submit ``program.main(args)`` (or print its sbatch script with --dry_run); returns the submitit job."""
+    """Submit ``program.main(args)`` (or print its sbatch parameters with --dry_run); returns the submitit job."""
     resolve_args(args)
-    executor = make_executor(args)
-    executor.update_parameters(**slurm_parameters(program, args))
-    if args.dry_run:
-        # the exact text submitit would hand to sbatch
-        print(executor._make_submission_file_text(executor._submitit_command_str, "dry_run"), end="")
-        print(f"dry run: nothing submitted; the job would run {program}.main with output in {args.job_dir}",
-              file=sys.stderr)
+    params = slurm_parameters(program, args)
+    if args.dry_run:  # submitit renders no sbatch script publicly: print its parameters, setup and command
+        flags = {k: v for k, v in params.items() if k not in ("setup", "signal_delay_s")}
+        flags["signal"] = f"{submitit.JobEnvironment.USR_SIG}@{SIGNAL_DELAY_S}"
+        for key, value in sorted(flags.items()):
+            print(f"#SBATCH --{key.replace('_', '-')}={shlex.quote(str(value))}")
+        print(*params["setup"], sep="\n")
+        print(f"# command (srun, every task): {sys.executable} running {program}.main(args), output in {args.job_dir}")
+        print("dry run: nothing submitted; submitit adds --output/--error in the job dir", file=sys.stderr)
         return None
-    from submitit.core.utils import FailedJobError
-
+    try:
+        executor = submitit.SlurmExecutor(folder=args.job_dir)  # runs the job with this interpreter, this venv
+    except RuntimeError as e:  # no srun here
+        raise UserError(f"{e} (submit from a SLURM login node; --dry_run works anywhere)") from None
+    executor.update_parameters(**params)
     try:
         job = executor.submit(Trainer(program, args))
     except FailedJobError as e:
-        raise UserError(f"sbatch refused the job: {_last_line(e)}") from None
-    paths = job.paths
-    print(f"submitted job {job.job_id}: {program}, {args.nodes} node(s) x {args.tasks_per_node} task(s), "
-          f"{f'{args.ngpus} GPU(s) per node' if args.ngpus else 'CPU'}")
-    print(f"job dir (checkpoints, log.txt): {paths.folder}")
-    print(f"stdout: {paths.stdout}")
-    print(f"stderr: {paths.stderr}")
+        errors = [line.strip() for line in str(e).splitlines() if "error" in line.lower()] or [one_line(e)]
+        raise UserError(f"sbatch refused the job: {errors[-1]}") from None  # sbatch's own line, not submitit's trace
+    where = f"{args.ngpus} GPU(s) per node" if args.ngpus else "CPU"
+    print(f"submitted job {job.job_id}: {program}, {args.nodes} node(s) x {args.tasks_per_node} task(s), {where}")
+    print(f"job dir (checkpoints, log.txt): {job.paths.folder}\nstdout: {job.paths.stdout}\nstderr: {job.paths.stderr}")
     if job.num_tasks > 1:
         print(f"(one pair of logs per task: {job.job_id}_<task>_log.out/.err; rank 0 prints the training log)")
     return job
-
-
-def _last_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    return (errors or lines or [type(error).__name__])[-1]
 
 
 class Trainer:
@@ -202,8 +151,6 @@ class Trainer:
         self.args = args
 
     def __call__(self):
-        import submitit
-
         job_env = submitit.JobEnvironment()
         # main() edits its args (lr, start_epoch, rank, ...); every run starts from the submitted ones
         args = copy.deepcopy(self.args)
@@ -211,95 +158,60 @@ class Trainer:
         args.auto_resume = True
         last = Path(args.output_dir) / "checkpoint-last.pth"
         if args.resume and last.is_file() and not getattr(args, "eval", False):
-            # --resume only seeds the first run; a requeued one continues from its own checkpoint
-            args.resume = ""
-        _ignore_in_forked_children(_preempt_signal())
+            args.resume = ""  # --resume only seeds the first run; later ones continue from their own checkpoint
+        _ignore_preempt_signal_in_forked_children()
         stop_signals = _note_stop_signals()
-        _threads_from_slurm()
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus and "OMP_NUM_THREADS" not in os.environ:
+            # without cgroups every task sees all cores: one thread per core in each task would oversubscribe them
+            torch.set_num_threads(max(1, int(cpus)))
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         print(f"job {job_env.job_id}, task {job_env.global_rank} of {job_env.num_tasks} on {job_env.hostname}, "
               f"run {restarts + 1}" + (f" (requeued; resuming from {last})" if restarts and last.is_file() else ""),
               flush=True)
-        module = importlib.import_module(self.program)
         try:
-            module.main(args)
+            importlib.import_module(self.program).main(args)
         except Exception as e:
             if stop_signals and job_env.global_rank != 0:
-                # rank 0 exits after requeueing (or SLURM kills the tasks one by one): this task's collective then
-                # fails. A consequence, not an error: leave no error record or traceback behind
-                _say(f"task {job_env.global_rank}: stopped by SLURM ({stop_signals[0]} received; {_first_line(e)}); "
-                     f"a requeued job resumes from {last}")
+                # rank 0 exits after requeueing (or SLURM kills the tasks): this task's collective then fails.
+                # A consequence, not an error: no error record or traceback
+                _say(f"task {job_env.global_rank}: stopped by SLURM ({stop_signals[0]} received; "
+                     f"{one_line(e)[:300]}); a requeued job resumes from {last}")
                 os._exit(1)
-            _say(f"error: {type(e).__name__}: {_first_line(e)}")  # one readable line before submitit's traceback
+            _say(f"error: {type(e).__name__}: {one_line(e)[:300]}")  # one readable line before submitit's traceback
             raise
         return args.output_dir
 
     def checkpoint(self):
-        """Called by submitit on rank 0 when USR2 arrives: the job to requeue. The training state is already
-        on disk (checkpoint-last.pth), which the rerun resumes from; saving here, inside a signal handler and
-        while other ranks may sit in a collective, would not be safe."""
-        import submitit
-
+        """Called by submitit on rank 0 on the preemption signal: the job to requeue. checkpoint-last.pth is already
+        on disk; saving here, in a signal handler while other ranks may sit in a collective, would not be safe."""
         return submitit.helpers.DelayedSubmission(type(self)(self.program, self.args))
 
 
 def _say(line: str) -> None:
-    # not print(): util.distributed silences it on ranks other than 0
+    sys.stdout.flush()  # not print(): util.distributed silences it on ranks other than 0; stderr is line-buffered
     sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-    sys.stdout.flush()
-
-
-def _first_line(error: Exception) -> str:
-    # util.cli's message, which also unwraps a DataLoader worker's traceback; a log line needs only its start
-    lines = one_line(error).splitlines()
-    return lines[0][:300] if lines else type(error).__name__
 
 
 def _note_stop_signals() -> list:
     """Record the signals by which SLURM stops a job (USR2: preemption or time limit; TERM: requeue, cancel)
-    ahead of submitit's handlers, which keep doing their work. Returns the list that fills up."""
+    ahead of submitit's handlers, which still run. Returns the list that fills up."""
     received = []
-    for signum in (_preempt_signal(), signal.SIGTERM):
+    for signum in (PREEMPT_SIGNAL, signal.SIGTERM):
         handler = signal.getsignal(signum)
-        if not callable(handler):  # not under submitit: leave default behaviour alone
-            continue
-
-        def note(num, frame, handler=handler):
-            received.append(signal.Signals(num).name)
-            handler(num, frame)
-
-        signal.signal(signum, note)
+        if callable(handler):  # not under submitit: leave the default behaviour alone
+            def note(num, frame, handler=handler):
+                received.append(signal.Signals(num).name)
+                handler(num, frame)
+            signal.signal(signum, note)
     return received
 
 
-def _preempt_signal():
-    from submitit.core.job_environment import JobEnvironment
-
-    return getattr(signal, "SIG" + JobEnvironment.USR_SIG)
-
-
-_FORK_HOOKED = False
-
-
-def _ignore_in_forked_children(signum) -> None:
-    """SLURM signals every process of the job step, DataLoader workers included; a forked worker inherits
-    submitit's handler and would checkpoint and requeue too (or die, without it). Only the training process
-    must handle it."""
-    global _FORK_HOOKED
-    if not _FORK_HOOKED:
-        os.register_at_fork(after_in_child=lambda: signal.signal(signum, signal.SIG_IGN))
-        _FORK_HOOKED = True
-
-
-def _threads_from_slurm() -> None:
-    """One intra-op thread per allocated CPU: without cgroups every task sees all cores of the node, and
-    several tasks each starting one thread per core oversubscribe it."""
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if cpus and "OMP_NUM_THREADS" not in os.environ:
-        import torch
-
-        torch.set_num_threads(max(1, int(cpus)))
+@functools.cache
+def _ignore_preempt_signal_in_forked_children() -> None:
+    # SLURM signals every process of the step, DataLoader workers included; a forked worker would inherit
+    # submitit's handler and checkpoint and requeue too. Only the training process must handle it
+    os.register_at_fork(after_in_child=lambda: signal.signal(PREEMPT_SIGNAL, signal.SIG_IGN))
 
 
 def launch(program: str, argv=None) -> None:
