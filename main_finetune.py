@@ -15,7 +15,6 @@ import time
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import param_groups_layer_decay
 
 from engine import evaluate, train_one_epoch
 from util import distributed
@@ -26,6 +25,7 @@ from util.datasets import dataset_info
 from util.errors import UserError
 from util.loader import build_classification_loaders
 from util.logger import tensorboard_writer, write_log_line
+from util.lr_decay import param_groups_layer_decay
 from util.lr_sched import set_effective_lr
 from util.runtime import adamw, build_model, count_parameters, setup_run, wrap_model
 

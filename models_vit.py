@@ -15,6 +15,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch.nn as nn
+from timm.layers import trunc_normal_
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
@@ -36,7 +37,10 @@ def vision_transformer(global_pool=True, **kwargs):
         fc_norm=global_pool,  # global pool: fc_norm after pooling, no final norm
     )
     config.update(kwargs)
-    return VisionTransformer(**config)
+    model = VisionTransformer(**config)
+    # the original's class token init (timm 1.x draws normal(1e-6)); matters for from-scratch baselines
+    trunc_normal_(model.cls_token, std=0.02)
+    return model
 
 
 def _create(pretrained=False, defaults=None, **kwargs):
