@@ -17,6 +17,7 @@ from tests import fakedata
 from util import datasets
 from util.datasets import build_dataset, build_transform, dataset_info
 from util.errors import UserError
+from util.loader import build_classification_loaders
 
 KINDS = ("pretrain", "finetune", "linprobe", "eval")
 
@@ -95,7 +96,7 @@ def test_filelist(tmp_path, kind, labelled):
     dataset = build_dataset("train", args, build_transform(kind, args))
     assert len(dataset) == 6
     assert dataset.targets == ([0, 1, 0, 1, 0, 1] if labelled else [-1] * 6)
-    assert any(" " in path for path, _ in dataset.samples)  # paths with spaces were parsed
+    assert any(" " in path for path in dataset.items)  # paths with spaces were parsed
     check_samples(dataset, 3, 32)
 
 
@@ -475,3 +476,21 @@ def test_small_finetune_accepts_autoaugment_and_augmix_policies():
     for policy in ("original", "augmix-m5-w2-d2"):
         transform = build_transform("finetune", make_args(dataset="fashion_mnist", input_size=28, aa=policy))
         assert transform(image).shape == (1, 28, 28)
+
+
+def test_classification_loaders_return_the_class_count_and_leave_args_alone(tmp_path):
+    data_path = fakedata.make_imagefolder(tmp_path, num_classes=3, per_class=2)
+    args = make_args(data_path=data_path, nb_classes=None, batch_size=2, num_workers=0, pin_mem=False,
+                     dist_eval=False, seed=0, max_train_images=0)
+    loader_train, loader_val, nb_classes = build_classification_loaders(args, "finetune")
+    assert nb_classes == 3 and args.nb_classes is None
+    assert len(loader_train.dataset) == len(loader_val.dataset) == 6
+    args.nb_classes = 5
+    assert build_classification_loaders(args, "linprobe")[2] == 5
+    args.nb_classes = 2
+    with pytest.raises(UserError, match="--nb_classes 2 is smaller than the 3 classes"):
+        build_classification_loaders(args, "linprobe")
+    unlabelled = make_args(dataset="filelist", data_path=fakedata.make_filelist(tmp_path / "f", n=4, labelled=False),
+                           nb_classes=None, batch_size=2, num_workers=0, pin_mem=False, dist_eval=False, seed=0)
+    with pytest.raises(UserError, match="cannot tell the number of classes"):
+        build_classification_loaders(unlabelled, "finetune")

@@ -62,23 +62,22 @@ def build_loader(dataset, args, train: bool, shard_eval: bool = False) -> DataLo
     )
 
 
-def build_classification_loaders(args, train_kind: str):
-    """Train and val loaders for fine-tuning / linear probing, and the number of classes.
-
-    ``args.nb_classes`` defaults to the data set's class count; a value smaller than the labels need is an error.
-    """
+def build_classification_loaders(args, train_kind: str) -> tuple[DataLoader, DataLoader, int]:
+    """Train and val loaders for fine-tuning / linear probing, and the number of classes: ``args.nb_classes`` when
+    given (an error if smaller than the data set's class count), else the data set's count (an error if unknown)."""
     dataset_train = build_dataset("train", args, build_transform(train_kind, args))
     dataset_val = build_dataset("val", args, build_transform("eval", args))
     found = dataset_info(args).num_classes or len(getattr(dataset_train, "classes", ())) or None
-    if args.nb_classes is None:
+    nb_classes = getattr(args, "nb_classes", None)
+    if nb_classes is None:
         if not found:
             raise UserError("cannot tell the number of classes of this data set; pass --nb_classes")
-        args.nb_classes = found
-    elif found and args.nb_classes < found:
-        raise UserError(f"--nb_classes {args.nb_classes} is smaller than the {found} classes of the data set")
-    print(f"{len(dataset_train)} training and {len(dataset_val)} validation images, {args.nb_classes} classes")
+        nb_classes = found
+    elif found and nb_classes < found:
+        raise UserError(f"--nb_classes {nb_classes} is smaller than the {found} classes of the data set")
+    print(f"{len(dataset_train)} training and {len(dataset_val)} validation images, {nb_classes} classes")
     if args.dist_eval and len(dataset_val) % distributed.get_world_size():
         print("warning: with --dist_eval the validation set is padded to a multiple of the number of processes, "
               "so a few images count twice")
     return (build_loader(dataset_train, args, train=True),
-            build_loader(dataset_val, args, train=False, shard_eval=args.dist_eval))
+            build_loader(dataset_val, args, train=False, shard_eval=args.dist_eval), nb_classes)
