@@ -3,6 +3,8 @@ code before a refactoring and asserted after it, so moving code cannot change wh
 
 The values were produced by these very tests' command lines (tiny ViT with 4-px patches on the generated
 32-px images, one process, fp32). A deliberate change of behaviour updates them in the same commit, saying why.
+The classifier values depend on the from-scratch class-token init (trunc-normal 0.02, drawn before the new head is
+initialised from the same random stream).
 """
 import hashlib
 import json
@@ -58,13 +60,13 @@ def test_pretraining_losses_are_the_recorded_ones(golden_runs):
 
 def test_finetuning_losses_are_the_recorded_ones(golden_runs):
     got = logged(golden_runs / "ft", "train_loss", "test_loss", "test_acc1")
-    expected = [(0.6931817531585693, 0.6919890940189362, 50.0), (0.6977102160453796, 0.6851444244384766, 50.0)]
+    expected = [(0.6931270956993103, 0.6918947398662567, 100.0), (0.6926912069320679, 0.6817197203636169, 50.0)]
     assert [v for row in got for v in row] == pytest.approx([v for row in expected for v in row], rel=REL)
 
 
 def test_linear_probe_losses_are_the_recorded_ones(golden_runs):
     got = logged(golden_runs / "lp", "train_loss", "test_loss", "test_acc1")
-    expected = [(0.7137276530265808, 0.7036795020103455, 50.0), (0.693838357925415, 0.704684853553772, 50.0)]
+    expected = [(0.685356855392456, 0.6933974325656891, 43.75), (0.6963725090026855, 0.693066269159317, 50.0)]
     assert [v for row in got for v in row] == pytest.approx([v for row in expected for v in row], rel=REL)
 
 

@@ -365,7 +365,7 @@ def test_resuming_with_another_target_is_a_one_line_error(imagefolder, tmp_path,
     (out / "checkpoint-last.pth").write_bytes(hog_checkpoint.read_bytes())
     result = run_program("main_pretrain.py", *tiny_pretrain_argv(imagefolder, out, "--auto_resume"))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "cannot resume from" in result.stderr and "shape mismatch for decoder_pred.weight (108, 192) vs (48, 192)" \
+    assert "cannot resume from" in result.stderr and "shape mismatch for decoder_pred.weight: checkpoint (108, 192) vs model (48, 192)" \
         in result.stderr.strip().splitlines()[-1]
     args = main_pretrain.get_args_parser().parse_args(
         tiny_pretrain_argv(imagefolder, out, "--auto_resume", "--target", "hog", "--hog_cell", "4"))

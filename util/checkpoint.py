@@ -20,7 +20,7 @@ import torch
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 
 from util import distributed
-from util.errors import UserError
+from util.errors import UserError, one_line
 
 # prefixes that wrappers add to parameter names: DDP, torch.compile
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -56,7 +56,7 @@ def load_checkpoint_file(path) -> dict:
         with _namespace_allowed():
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for refused globals, others for corrupt files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = one_line(e)
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             reason = f"it contains pickled objects other than tensors and plain containers, refused for safety ({reason})"
         raise UserError(f"cannot load checkpoint {path}: {reason}") from None
@@ -109,7 +109,7 @@ def fit_state_dict(model, state: dict, path, *, may_miss=(), may_ignore=(), adap
     ``may_miss`` / ``may_ignore``: key prefixes the model may lack in ``state`` / ``state`` may hold beyond the
     model; ``name`` names the model in errors. With ``adapt``, position tables are resampled to the model's patch
     grid (bicubic, no antialias, as the original) and a classifier head of another shape is dropped. Returns the
-    keys missing, ignored, resampled and dropped.
+    keys missing, unexpected (ignored), resampled and dropped.
     """
     expected = model.state_dict()
     state = dict(state)
@@ -122,16 +122,22 @@ def fit_state_dict(model, state: dict, path, *, may_miss=(), may_ignore=(), adap
             dropped.append(key)  # a head for another number of classes
             del state[key]
         else:
-            mismatched.append(f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}")
+            mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}")
     missing = [k for k in expected if k not in state]
-    ignored = [k for k in state if k not in expected]
-    problems = ([f"shape mismatch for {'; '.join(mismatched[:6])}"] if mismatched else []) + \
-        ([f"missing keys {_names(bad)}"] if (bad := [k for k in missing if not k.startswith(tuple(may_miss))]) else []) + \
-        ([f"unexpected keys {_names(bad)}"] if (bad := [k for k in ignored if not k.startswith(tuple(may_ignore))]) else [])
+    unexpected = [k for k in state if k not in expected]
+    bad_missing = [k for k in missing if not k.startswith(tuple(may_miss))]
+    bad_unexpected = [k for k in unexpected if not k.startswith(tuple(may_ignore))]
+    problems = [f"shape mismatch for {'; '.join(mismatched[:6])}"] if mismatched else []
+    if bad_missing:
+        no_decoder = any(k.startswith(PRETRAINING_ONLY) for k in bad_missing)
+        problems.append(f"missing keys {_names(bad_missing)}"
+                        + (" (the file has no decoder: an encoder-only pretraining checkpoint?)" if no_decoder else ""))
+    if bad_unexpected:
+        problems.append(f"unexpected keys {_names(bad_unexpected)}")
     if problems:
         raise UserError(f"{path} does not fit {name or type(model).__name__}: {'; '.join(problems)}")
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-    return dict(missing=missing, ignored=ignored, resampled=resampled, dropped=dropped)
+    return dict(missing=missing, unexpected=unexpected, resampled=resampled, dropped=dropped)
 
 
 def _resample_pos_embed(table: torch.Tensor, grid, key: str, path) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from util.checkpoint import fit_state_dict, load_checkpoint_file, model_state_dict, saved_args
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, dataset_info
-from util.errors import UserError
+from util.errors import UserError, one_line
 from util.runtime import build_model
 
 TARGETS = ("pixel", "norm_pixel", "hog", "teacher")
@@ -166,7 +166,7 @@ def _create_teacher(name: str, img_size: int, pretrained: bool, in_chans: int | 
     except Exception as e:  # only a hub download gets here: no network, no such weights, no permission
         if not pretrained:
             raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = one_line(e)
         raise UserError(f"cannot download timm's weights for the teacher {name} (offline? pass --teacher_checkpoint "
                          f"FILE instead): {reason}") from None
 
