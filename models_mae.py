@@ -1,20 +1,10 @@
-"""Masked autoencoder with a Vision Transformer backbone (He et al., "Masked Autoencoders Are Scalable
-Vision Learners").
+"""Masked autoencoder with a Vision Transformer backbone (He et al., "Masked Autoencoders Are Scalable Vision
+Learners"): the encoder sees only the visible patches; a light decoder gets them plus a shared mask token per removed
+patch and predicts every patch; the loss counts the removed patches only. Names and shapes are the original's, so
+its released checkpoints load with ``strict=True``. The decoder regresses pixels (``norm_pix_loss``: normalised per
+patch) unless :meth:`MaskedAutoencoderViT.set_target` attaches another target (``util/targets.py``).
 
-The encoder sees only the visible patches; a light decoder gets the encoded patches plus one shared,
-learnable mask token per removed patch and predicts every patch; the loss counts the removed patches only.
-Parameter names and shapes are those of the original research code, so its released checkpoints load with
-``strict=True``.
-
-The decoder regresses pixels (``norm_pix_loss``: normalised per patch) unless a target generator is attached
-with :meth:`MaskedAutoencoderViT.set_target` (HOG histograms, a teacher's features; ``util/targets.py``): then the
-last decoder layer predicts the generator's width and the loss is the generator's (``mse``, ``smooth_l1`` or
-``cosine``).
-
-Importing this module registers the ``mae_vit_*`` constructors in timm's registry::
-
-    import models_mae, timm
-    model = timm.create_model("mae_vit_base_patch16", norm_pix_loss=True)
+Importing this module registers the ``mae_vit_*`` models in timm: ``timm.create_model("mae_vit_base_patch16")``.
 """
 from __future__ import annotations
 
@@ -205,7 +195,8 @@ class MaskedAutoencoderViT(nn.Module):
 
 
 # ---------------------------------------------------------------- constructors
-_ORIGINAL_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+DECODER_512D8B = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # the original's decoder
+DECODER_256D4B = dict(decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8)
 
 
 def _create(pretrained=False, defaults=None, **kwargs):
@@ -219,64 +210,51 @@ def _create(pretrained=False, defaults=None, **kwargs):
 
 @register_model
 def mae_vit_tiny_patch16(pretrained=False, **kwargs):
-    """ViT-Tiny/16 encoder with a 256-d, 4-block decoder (lighter than the encoder's width allows)."""
-    defaults = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                    decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8)
-    return _create(pretrained, defaults, **kwargs)
+    return _create(pretrained, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, **DECODER_256D4B), **kwargs)
 
 
 @register_model
 def mae_vit_small_patch16(pretrained=False, **kwargs):
-    """ViT-Small/16 encoder with a 256-d, 4-block decoder."""
-    defaults = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                    decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8)
-    return _create(pretrained, defaults, **kwargs)
+    return _create(pretrained, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **DECODER_256D4B), **kwargs)
 
 
 @register_model
 def mae_vit_base_patch16(pretrained=False, **kwargs):
-    defaults = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_ORIGINAL_DECODER)
-    return _create(pretrained, defaults, **kwargs)
+    return _create(pretrained, dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **DECODER_512D8B), **kwargs)
 
 
 @register_model
 def mae_vit_large_patch16(pretrained=False, **kwargs):
-    defaults = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_ORIGINAL_DECODER)
-    return _create(pretrained, defaults, **kwargs)
+    return _create(pretrained, dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **DECODER_512D8B), **kwargs)
 
 
 @register_model
 def mae_vit_huge_patch14(pretrained=False, **kwargs):
-    defaults = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_ORIGINAL_DECODER)
-    return _create(pretrained, defaults, **kwargs)
+    return _create(pretrained, dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **DECODER_512D8B), **kwargs)
 
 
 @register_model
 def mae_vit_tiny_patch2(pretrained=False, **kwargs):
-    """The CIFAR-10 small-data reference: 32 px, ViT-Tiny (192-d x 12 x 3 heads), patch 2, 192-d 4-block decoder."""
-    defaults = dict(img_size=32, patch_size=2, embed_dim=192, depth=12, num_heads=3,
-                    decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3)
-    return _create(pretrained, defaults, **kwargs)
+    """The CIFAR-10 small-data reference: 32 px, ViT-Tiny with 2-px patches, 192-d 4-block decoder."""
+    return _create(pretrained, dict(img_size=32, patch_size=2, embed_dim=192, depth=12, num_heads=3,
+                                    decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3), **kwargs)
 
 
 @register_model
 def mae_vit_tiny_patch4(pretrained=False, **kwargs):
-    """ViT-Tiny with 4-px patches for 28-32 px images (64 patches at 32 px, 49 at 28 px)."""
-    defaults = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
-                    decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3)
-    return _create(pretrained, defaults, **kwargs)
+    """ViT-Tiny with 4-px patches for 28-32 px images."""
+    return _create(pretrained, dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
+                                    decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3), **kwargs)
 
 
 @register_model
 def mae_vit_micro_patch4(pretrained=False, **kwargs):
-    """The demo's model: 96-d x 4 blocks x 3 heads, 4-px patches at 28 px (Fashion-MNIST), 64-d 1-block decoder.
-    Small enough to pretrain for several epochs of Fashion-MNIST on 2 CPU cores in minutes."""
-    defaults = dict(img_size=28, in_chans=1, patch_size=4, embed_dim=96, depth=4, num_heads=3,
-                    decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2)
-    return _create(pretrained, defaults, **kwargs)
+    """The demo's model (0.5 M parameters): 96-d x 4 blocks, 4-px patches at 28 px, 1 channel, 64-d 1-block decoder."""
+    return _create(pretrained, dict(img_size=28, in_chans=1, patch_size=4, embed_dim=96, depth=4, num_heads=3,
+                                    decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2), **kwargs)
 
 
-# the original code's aliases
+# the original code's names
 mae_vit_base_patch16_dec512d8b = mae_vit_base_patch16
 mae_vit_large_patch16_dec512d8b = mae_vit_large_patch16
 mae_vit_huge_patch14_dec512d8b = mae_vit_huge_patch14
