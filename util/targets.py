@@ -1,20 +1,15 @@
-"""What the decoder regresses for each removed patch, besides pixels.
+"""What the decoder regresses for each removed patch, besides pixels (which the model computes itself).
 
-* ``pixel`` / ``norm_pixel``: the original MAE targets, computed inside the model (``norm_pix_loss``); no
-  generator here, so the default path is exactly the original one.
-* ``hog`` (MaskFeat): histograms of oriented gradients, computed in batch on the device. Per colour channel,
-  3x3 Sobel gradients with reflect padding; 9 unsigned orientation bins over [0, pi), each pixel voting with its
-  gradient magnitude, weighted by a Gaussian centred on its patch (std = half the patch); votes pooled over
-  cells of ``hog_cell`` px; each cell's 9-bin histogram L2-normalised. A patch's target is its cells'
-  histograms concatenated (cell rows, cell columns, channels, bins): 16-px patch, 8-px cells, 3 channels ->
-  2 x 2 x 3 x 9 = 108 values. Loss: mean squared error.
-* ``teacher`` (MaskDistill, MILAN): features of a frozen network at the patch positions, from a chosen block,
-  resampled to the student's patch grid, normalised by a LayerNorm without affine parameters. Loss: smooth-L1
-  (MaskDistill) or 2 - 2 cos (MILAN).
+* ``hog`` (MaskFeat): per colour channel, 3x3 Sobel gradients (reflect padding); 9 unsigned orientation bins over
+  [0, pi), each pixel voting with its gradient magnitude weighted by a Gaussian centred on its patch (std half the
+  patch); votes summed over cells of ``hog_cell`` px, each cell's histogram L2-normalised; a patch's target is its
+  cells' histograms (cell row, cell column, channel, bin): 2 x 2 x 3 x 9 = 108 values for 16-px patches. MSE loss.
+* ``teacher`` (MaskDistill, MILAN): a frozen network's features at the patch positions from a chosen block,
+  resampled to the student's patch grid, LayerNorm without affine. Smooth-L1 (MaskDistill) or 2 - 2 cos (MILAN).
 
-A generator is a plain object with ``dim`` (values per patch) and ``loss``, which the model holds through
-``MaskedAutoencoderViT.set_target``; it is no ``nn.Module`` of the student, so a teacher is never in the student's
-state dict (checkpoints), parameters (optimizer) or DDP wrapper.
+A generator is a plain object with ``dim`` (values per patch) and ``loss``, held by the model through
+``MaskedAutoencoderViT.set_target``; being no ``nn.Module`` of the student, a teacher is never in its checkpoints,
+optimizer or DDP wrapper.
 """
 from __future__ import annotations
 
@@ -26,7 +21,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from util.checkpoint import fit_state_dict, load_checkpoint_file, model_state_dict, saved_args
+from util.checkpoint import PRETRAINING_ONLY, fit_state_dict, load_checkpoint_file, model_state_dict, saved_args
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, dataset_info
 from util.errors import UserError, one_line
 from util.runtime import build_model
@@ -34,14 +29,8 @@ from util.runtime import build_model
 TARGETS = ("pixel", "norm_pixel", "hog", "teacher")
 TEACHER_LOSSES = ("smooth_l1", "cosine")
 HOG_BINS = 9
-# the same eps as the models' LayerNorms
-FEATURE_LN_EPS = 1e-6
-# parameters of a teacher that its features (taken before the final norm, without a head) never use, so a
-# checkpoint may lack them: a fine-tuned classifier has fc_norm instead of norm, an encoder file has no head
+# what a teacher's features (before the final norm, no head) never use, so its checkpoint may lack them
 UNUSED_TEACHER_PREFIXES = ("head.", "norm.", "fc_norm.", "head_drop.")
-# pretraining-only parts of this package's MAE checkpoints; timm's ViT filter would take a 'mask_token'
-# for a DINOv2 file, so they go before it runs
-MAE_ONLY_PREFIXES = ("decoder_", "mask_token")
 TEACHER_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_pretrained", "teacher_input_size", "target_loss")
 
 
@@ -56,10 +45,8 @@ def hog_dim(patch: int, cell: int, in_chans: int) -> int:
 
 
 def sobel_gradients(imgs: torch.Tensor):
-    """Horizontal and vertical 3x3 Sobel derivatives of every channel (N, C, H, W), reflect-padded so the
-    border adds no edge of its own; y points down the rows. Written as its separable form (a central
-    difference, then 1-2-1 smoothing across it) rather than a convolution: differences of equal values are
-    exactly zero, so a flat region has no rounding-noise gradient for the per-cell normalisation to blow up."""
+    """3x3 Sobel derivatives (x, y down the rows) of every channel, reflect-padded. In separable form (a difference,
+    then 1-2-1 smoothing): a flat region gets exactly zero, not rounding noise that the normalisation would blow up."""
     padded = F.pad(imgs, (1, 1, 1, 1), mode="reflect")
     dx = padded[..., :, 2:] - padded[..., :, :-2]  # (N, C, H + 2, W)
     dy = padded[..., 2:, :] - padded[..., :-2, :]  # (N, C, H, W + 2)
@@ -69,8 +56,7 @@ def sobel_gradients(imgs: torch.Tensor):
 
 
 def patch_gaussian(h: int, w: int, patch: int, device, dtype=torch.float32) -> torch.Tensor:
-    """(H, W) weights: a Gaussian of std patch/2 centred on each patch, tiled over the image, so pixels near a
-    patch's border vote less (MaskFeat's spatial weighting)."""
+    """(H, W) weights: a Gaussian of std patch/2 centred on each patch, tiled (MaskFeat's spatial weighting)."""
     offset = torch.arange(patch, device=device, dtype=dtype) - (patch - 1) / 2
     bump = torch.exp(-0.5 * (offset / (patch / 2)) ** 2)
     window = bump[:, None] * bump[None, :]
@@ -82,12 +68,11 @@ def hog_histograms(imgs: torch.Tensor, cell: int, patch: int) -> torch.Tensor:
     n, c, h, w = imgs.shape
     gx, gy = sobel_gradients(imgs)
     magnitude = torch.hypot(gx, gy) * patch_gaussian(h, w, patch, imgs.device, imgs.dtype)
-    # unsigned orientation: a dark-to-bright and a bright-to-dark edge of one direction share a bin
     angle = torch.atan2(gy, gx).remainder(math.pi)
     bins = (angle * (HOG_BINS / math.pi)).floor().long().clamp_(0, HOG_BINS - 1)
     votes = torch.zeros(n, c, HOG_BINS, h, w, device=imgs.device, dtype=imgs.dtype)
     votes.scatter_(2, bins.unsqueeze(2), magnitude.unsqueeze(2))
-    # a sum over each cell (the mean's constant factor disappears in the normalisation below)
+    # the mean over a cell: the normalisation removes its constant factor
     cells = F.avg_pool2d(votes.view(n, c * HOG_BINS, h, w), cell).view(n, c, HOG_BINS, h // cell, w // cell)
     return F.normalize(cells, p=2, dim=2)
 
@@ -129,50 +114,34 @@ def _first_conv_channels(model: torch.nn.Module) -> int:
 
 
 def _stats_for(values, channels: int, what: str):
+    """Per-channel statistics for a ``channels``-channel network: as given, averaged to one, or repeated."""
     values = tuple(float(v) for v in values)
-    if len(values) == channels:
-        return values
-    if channels == 1:
-        return (sum(values) / len(values),)
-    if len(values) == 1:
-        return values * channels
-    raise UserError(f"{what} has {len(values)} channel statistics for a {channels}-channel network")
-
-
-def _encoder_name(model_name: str) -> str:
-    """This package's ``mae_vit_*`` pretraining models map to their ``vit_*`` classifier twins (the encoder);
-    the original's ``_dec512d8b`` aliases too."""
-    if model_name.startswith("mae_"):
-        return model_name[len("mae_"):].split("_dec")[0]
-    return model_name
+    if len(values) not in (1, channels) and channels != 1:
+        raise UserError(f"{what} has {len(values)} channel statistics for a {channels}-channel network")
+    return values if len(values) == channels else (sum(values) / len(values),) * channels
 
 
 def _create_teacher(name: str, img_size: int, pretrained: bool, in_chans: int | None) -> torch.nn.Module:
-    kwargs = dict(num_classes=0, img_size=img_size)
-    if in_chans is not None:
-        kwargs["in_chans"] = in_chans
+    kwargs = dict(num_classes=0, img_size=img_size, pretrained=pretrained, **({"in_chans": in_chans} if in_chans else {}))
     if name in timm.list_models(module="models_vit"):
         kwargs["global_pool"] = False  # the MAE layout: class token, final norm (unused, but its keys load)
-    if pretrained:
-        kwargs["pretrained"] = True
     try:
         try:
             return build_model(name, **kwargs)
         except TypeError:  # a convolutional network takes any size and has no img_size argument
-            kwargs.pop("img_size")
-            return build_model(name, **kwargs)
+            return build_model(name, **{k: v for k, v in kwargs.items() if k != "img_size"})
     except (UserError, TypeError):
         raise
     except Exception as e:  # only a hub download gets here: no network, no such weights, no permission
         if not pretrained:
             raise
-        reason = one_line(e)
         raise UserError(f"cannot download timm's weights for the teacher {name} (offline? pass --teacher_checkpoint "
-                         f"FILE instead): {reason}") from None
+                        f"FILE instead): {one_line(e)}") from None
 
 
 def _load_teacher_weights(teacher: torch.nn.Module, state: dict, path: str, name: str) -> None:
-    state = {k: v for k, v in state.items() if not k.startswith(MAE_ONLY_PREFIXES)}
+    # without the decoder and mask token first: timm's ViT filter would take a 'mask_token' for DINOv2's
+    state = {k: v for k, v in state.items() if not k.startswith(PRETRAINING_ONLY)}
     # timm's own conversion for the architecture (e.g. resampling a ViT's position table to this input size)
     filter_fn = getattr(sys.modules.get(type(teacher).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -185,13 +154,9 @@ def _load_teacher_weights(teacher: torch.nn.Module, state: dict, path: str, name
 
 
 def load_teacher(model_name, checkpoint, pretrained: bool, img_size: int):
-    """The frozen teacher network and the mean/std it expects its inputs normalised with.
-
-    ``checkpoint``: a local file (read with weights_only). Without ``model_name`` it must be one of this
-    package's checkpoints, whose training arguments name the model (a ``mae_vit_*`` pretraining checkpoint
-    gives its encoder). ``pretrained``: timm's hub weights instead, downloaded only then.
-    Returns ``(teacher, mean, std, description)``.
-    """
+    """``(teacher, mean, std, description)``: the network and the statistics its inputs are normalised with.
+    ``checkpoint`` is a local file; without ``model_name`` it must be one of ours, whose arguments name the model.
+    ``pretrained``: timm's hub weights instead, downloaded only then."""
     if pretrained and checkpoint:
         raise UserError("--teacher_pretrained downloads the hub weights; it conflicts with --teacher_checkpoint")
     if not pretrained and not checkpoint:
@@ -209,7 +174,7 @@ def load_teacher(model_name, checkpoint, pretrained: bool, img_size: int):
                                  f"(a timm name such as vit_tiny_patch16_224)")
     elif not model_name:
         raise UserError("--teacher_pretrained needs --teacher_model (a timm name such as vit_tiny_patch16_224)")
-    name = _encoder_name(model_name)
+    name = model_name.removeprefix("mae_").split("_dec")[0]  # a mae_vit_* checkpoint gives its vit_* encoder
     patch_weight = (state or {}).get("patch_embed.proj.weight")
     in_chans = int(patch_weight.shape[1]) if patch_weight is not None and patch_weight.ndim == 4 else None
     teacher = _create_teacher(name, img_size, pretrained, in_chans)
@@ -229,12 +194,10 @@ def load_teacher(model_name, checkpoint, pretrained: bool, img_size: int):
 
 
 class TeacherTarget:
-    """Callable: normalised images (N, C, H, W) -> LayerNorm-ed teacher features per student patch (N, L, dim).
+    """Normalised images (N, C, H, W) -> LayerNorm-ed teacher features per student patch (N, L, dim).
 
-    The teacher gets the images un-normalised from the data's mean/std and re-normalised with its own (grey
-    images repeated to its three channels), resized to ``input_size`` when that differs; it runs in eval mode
-    without gradients, under whatever autocast the caller has.
-    """
+    The images are re-normalised with the teacher's statistics (grey repeated to its channels) and resized to
+    ``input_size``; the teacher runs in eval mode without gradients, under the caller's autocast."""
 
     name = "teacher"
 
@@ -285,7 +248,7 @@ class TeacherTarget:
         if tuple(feats.shape[-2:]) != self.grid:  # another patch size or input size than the student's
             feats = F.interpolate(feats, size=self.grid, mode="bilinear", align_corners=False)
         feats = feats.flatten(2).transpose(1, 2)  # (N, L, D) in the student's raster order
-        return F.layer_norm(feats, feats.shape[-1:], eps=FEATURE_LN_EPS)
+        return F.layer_norm(feats, feats.shape[-1:], eps=1e-6)  # the models' LayerNorm eps
 
     def describe(self) -> str:
         block = "last block" if self.layer == -1 else f"block {self.layer}"
@@ -315,7 +278,7 @@ def target_name(args) -> str:
 
 def build_target(settings: dict, student, data_mean, data_std, device="cpu"):
     """The generator for ``settings['target']`` (a run's arguments as a dict) fitted to ``student``'s patches, for
-    ``student.set_target``; None for the pixel targets, which the model computes itself."""
+    ``student.set_target``; None for pixels."""
     target = settings.get("target") or ("norm_pixel" if settings.get("norm_pix_loss") else "pixel")
     patch_embed = student.patch_embed
     if target in ("pixel", "norm_pixel"):
