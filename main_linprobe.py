@@ -3,13 +3,9 @@
     python main_linprobe.py --model vit_base_patch16 --cls_token --finetune mae_pretrain_vit_base.pth \
         --data_path DIR --batch_size 512 --accum_iter 4 --blr 0.1 --weight_decay 0.0 --epochs 90 --dist_eval
 
-The head is BatchNorm1d (no affine, eps 1e-6) + Linear, trained with LARS; the encoder stays frozen and in eval
-mode. Reads top to bottom: arguments, setup (distributed, data, model, optimizer, resume), the epoch loop.
-
-``--cache_features`` runs the frozen encoder once over the un-augmented training and validation images (the
-evaluation transform) and trains the same head, with the same optimizer and schedule, on the cached features:
-each epoch then costs only the head. The difference from the standard probe is the training augmentation the
-cache leaves out; benchmarks/bench_linprobe.py measures the speedup and the accuracy difference.
+The head is BatchNorm1d (no affine, eps 1e-6) + Linear, trained with LARS; the encoder is frozen (it has no dropout,
+so training mode changes nothing in it). ``--cache_features`` encodes the un-augmented images once and trains the same
+head with the same optimizer and schedule on the cached features (benchmarks/bench_linprobe.py measures it).
 """
 from __future__ import annotations
 
@@ -53,8 +49,8 @@ def get_args_parser():
 
 @torch.no_grad()
 def extract_features(model, dataset, args, device):
-    """The head's input (pooled, normalised encoder features) for every image of ``dataset`` in order, and the
-    labels, as CPU tensors. Each process encodes its share; the shares are gathered, so all hold everything."""
+    """The head's input (pooled encoder features) and the label of every image of ``dataset``, in order, on the CPU.
+    Each process encodes its share; the shares are gathered, so all hold everything."""
     loader = build_loader(dataset, args, train=False, shard_eval=True)  # rank r: images r, r + world, ...
     model.eval()
     features, labels = [], []
@@ -77,8 +73,7 @@ def extract_features(model, dataset, args, device):
 
 
 def merge_shards(parts, length: int) -> torch.Tensor:
-    """Undo an unshuffled DistributedSampler: process r held items r, r + world, ... of the list padded to a
-    multiple of the world size; interleave the shares back into dataset order and cut the padding off."""
+    """Undo an unshuffled DistributedSampler (process r held items r, r + world, ... of the padded list)."""
     return torch.stack(parts, dim=1).flatten(0, 1)[:length]
 
 
@@ -97,10 +92,8 @@ def cached_feature_loaders(model, args, device):
 
 
 def lars_param_groups(head, weight_decay):
-    """The original LARS rule: weights are decayed and trust-ratio adapted (even with no weight decay);
-    biases and other 1-D parameters are neither. timm's Lars adapts per group with ``always_adapt``.
-    Its trust ratio equals the original's at weight decay 0 (the recipe's); with decay timm's denominator
-    is |g| + wd|w| instead of |g + wd*w| (see the epilog of --help)."""
+    """The original's LARS rule: weights are decayed and trust-ratio adapted (``always_adapt``), 1-D parameters
+    neither."""
     matrices = [p for p in head.parameters() if p.requires_grad and p.ndim > 1]
     vectors = [p for p in head.parameters() if p.requires_grad and p.ndim <= 1]
     return [dict(params=matrices, weight_decay=weight_decay, always_adapt=True),
