@@ -7,12 +7,17 @@ against the obvious alternative, at the shapes of one step of ``--model`` (defau
 Each row times one piece, forward and backward where it has a backward, as the median of ``--reps`` runs after
 two warm-up runs, and multiplies by how often a step does it (attention: once per block). The pieces:
 
-* masking: the kept tokens gathered through an index expanded as a view, against a materialised
-  (N, kept, D) copy of the index (``repeat``);
-* the decoder's unshuffle: one gather from [cls, kept..., mask token] straight into place, against the
-  package's earlier mask tokens + concatenation + gather + concatenation at full length;
+* masking: the kept tokens gathered through an index expanded as a view (``random_masking``), against a
+  materialised (N, kept, D) copy of the index (``repeat``);
+* the decoder's unshuffle as ``forward_decoder`` does it (the mask tokens appended to the kept tokens, one gather
+  with ``ids_restore``, the cls token put back first), against one gather from [cls, kept..., mask token] straight
+  into the full-length sequence;
 * attention: ``F.scaled_dot_product_attention`` (timm's fused path) against softmax(q kᵀ / √d) v written out;
 * AdamW over the model's parameters: fused, foreach (multi-tensor) and for-loop implementations.
+
+The masking and unshuffle rows are checked against the model before they are timed: ``random_masking`` and
+``forward_decoder`` must run the timed operators (as torch dispatches them) and give the same tokens, or the
+script stops with an error instead of timing something the model no longer does.
 
 Host synchronisation is not a row: on a CPU every operation has finished when it returns, so a ``loss.item()``
 per step costs nothing measurable here; on a GPU it stalls the queue (the training step reads nothing back).
@@ -29,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flat layout: the
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from benchmarks.common import cpu_model, machine, write_json  # noqa: E402
 from util.runtime import build_model  # noqa: E402
@@ -66,33 +72,100 @@ def fwd_bwd(make_output, *leaves):
 
 
 # ------------------------------------------------------------------------------------------ the pieces
-def masking(n, length, dim, len_keep, reps):
+class _ReachedTheBlocks(Exception):
+    pass
+
+
+class OperatorLog(TorchDispatchMode):
+    """The names of the aten operators run inside it, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def contains_run(names, run) -> bool:
+    """Whether ``run`` occurs in ``names`` as consecutive entries."""
+    return any(names[i:i + len(run)] == run for i in range(len(names) - len(run) + 1))
+
+
+def masking(model, n, length, dim, mask_ratio, reps):
     x = torch.randn(n, length, dim, requires_grad=True)
-    ids_keep = torch.argsort(torch.rand(n, length), dim=1)[:, :len_keep]
-    view = fwd_bwd(lambda: torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim)), x)
-    copy = fwd_bwd(lambda: torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, dim)), x)
-    return {"new": median_ms(view, reps), "old": median_ms(copy, reps)}
+    noise = torch.rand(n, length)
+    ids_keep = torch.argsort(noise, dim=1)[:, :int(length * (1 - mask_ratio))]
+
+    def package():  # models_mae.MaskedAutoencoderViT.random_masking's gather
+        return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+
+    def materialised():
+        return torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, dim))
+
+    # random_masking must run the timed operators, one after the other, and keep the same tokens
+    with torch.no_grad():
+        with OperatorLog() as model_ops:
+            kept = model.random_masking(x, mask_ratio, noise)[0]
+        with OperatorLog() as package_ops:
+            gathered = package()
+        if not (contains_run(model_ops.names, package_ops.names) and torch.equal(gathered, kept)):
+            raise RuntimeError("the masking row no longer times what random_masking does")
+        assert torch.equal(gathered, materialised())
+    return {"package": median_ms(fwd_bwd(package, x), reps), "other": median_ms(fwd_bwd(materialised, x), reps)}
 
 
-def unshuffle(n, length, dim, len_keep, reps):
-    latent = torch.randn(n, len_keep + 1, dim, requires_grad=True)
-    token = torch.randn(1, 1, dim, requires_grad=True)
+def unshuffle(model, n, length, len_keep, reps):
+    encoded = torch.randn(n, len_keep + 1, model.pos_embed.shape[-1])
     ids_restore = torch.argsort(torch.argsort(torch.rand(n, length), dim=1), dim=1)
+    with torch.no_grad():
+        embedded = model.decoder_embed(encoded)
+    dim = embedded.shape[2]
+    latent = embedded.clone().requires_grad_()
+    token = model.mask_token.detach().clone().requires_grad_()
 
-    def one_gather():  # models_mae.forward_decoder
+    def package():  # models_mae.MaskedAutoencoderViT.forward_decoder's unshuffle
+        mask_tokens = token.expand(n, length - len_keep, -1)
+        patches = torch.cat([latent[:, 1:, :], mask_tokens], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))
+        return torch.cat([latent[:, :1, :], patches], dim=1)
+
+    def one_gather():
+        # slot of each patch in [cls, kept..., token]: kept patches at 1 + their rank, removed ones at the token
         src = torch.cat([latent, token.expand(n, 1, -1)], dim=1)
         slot = torch.where(ids_restore < len_keep, ids_restore + 1, len_keep + 1)
         slot = torch.cat([slot.new_zeros(n, 1), slot], dim=1)
         return torch.gather(src, 1, slot.unsqueeze(-1).expand(-1, -1, dim))
 
-    def full_length():  # before commit a1bd006
-        patches = torch.cat([latent[:, 1:], token.expand(n, length - len_keep, -1)], dim=1)
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))
-        return torch.cat([latent[:, :1], patches], dim=1)
+    # the model's forward_decoder up to its first block must be the embedding, then the timed unshuffle's
+    # operators, then the position table: the same aten operators in the same order and the same values
+    seen = []
 
-    assert torch.equal(one_gather(), full_length())
-    return {"new": median_ms(fwd_bwd(one_gather, latent, token), reps),
-            "old": median_ms(fwd_bwd(full_length, latent, token), reps)}
+    def stop(module, inputs):
+        seen.append(inputs[0])
+        raise _ReachedTheBlocks
+
+    hook = model.decoder_blocks[0].register_forward_pre_hook(stop)
+    try:
+        with torch.no_grad(), OperatorLog() as model_ops:
+            try:
+                model.forward_decoder(encoded, ids_restore)
+            except _ReachedTheBlocks:
+                pass
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        with OperatorLog() as embed_ops:
+            model.decoder_embed(encoded)
+        with OperatorLog() as package_ops:
+            unshuffled = package()
+        if (model_ops.names != embed_ops.names + package_ops.names + ["add"]
+                or not torch.equal(seen[0], unshuffled + model.decoder_pos_embed)):
+            raise RuntimeError("the unshuffle row no longer times what forward_decoder does")
+        assert torch.equal(unshuffled, one_gather())
+    return {"package": median_ms(fwd_bwd(package, latent, token), reps),
+            "other": median_ms(fwd_bwd(one_gather, latent, token), reps)}
 
 
 def attention(n, heads, tokens, head_dim, reps):
@@ -102,8 +175,8 @@ def attention(n, heads, tokens, head_dim, reps):
         scores = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
         return scores.softmax(dim=-1) @ v
 
-    return {"new": median_ms(fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v), q, k, v), reps),
-            "old": median_ms(fwd_bwd(written_out, q, k, v), reps)}
+    return {"package": median_ms(fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v), q, k, v), reps),
+            "other": median_ms(fwd_bwd(written_out, q, k, v), reps)}
 
 
 def adamw(model, reps):
@@ -131,19 +204,20 @@ def main(args) -> dict:
     enc_heads, dec_heads = model.blocks[0].attn.num_heads, model.decoder_blocks[0].attn.num_heads
     rows = []
 
-    def row(name, times, per_step, new="new", old="old"):
-        rows.append({"piece": name, "per_step": per_step, "new": new, "old": old,
-                     "new_ms": times[new] * per_step, "old_ms": times[old] * per_step})
+    def row(name, times, per_step, package="package", other="other"):
+        rows.append({"piece": name, "per_step": per_step, "package": package, "other": other,
+                     "package_ms": times[package] * per_step, "other_ms": times[other] * per_step})
 
-    row("masking gather: expanded index vs materialised index", masking(n, length, dim, len_keep, args.reps), 1)
-    row("decoder unshuffle: one gather vs concat+gather+concat", unshuffle(n, length, dec_dim, len_keep, args.reps), 1)
+    row("masking gather: expanded index vs materialised index",
+        masking(model, n, length, dim, args.mask_ratio, args.reps), 1)
+    row("decoder unshuffle: concat+gather+concat vs one gather", unshuffle(model, n, length, len_keep, args.reps), 1)
     row("encoder attention: SDPA vs written out", attention(n, enc_heads, len_keep + 1, dim // enc_heads, args.reps),
         len(model.blocks))
     row("decoder attention: SDPA vs written out", attention(n, dec_heads, length + 1, dec_dim // dec_heads, args.reps),
         len(model.decoder_blocks))
     optimizer = adamw(model, args.reps)
-    row("AdamW: fused vs foreach", optimizer, 1, new="fused", old="foreach")
-    row("AdamW: fused vs for-loop", optimizer, 1, new="fused", old="for-loop")
+    row("AdamW: fused vs foreach", optimizer, 1, package="fused", other="foreach")
+    row("AdamW: fused vs for-loop", optimizer, 1, package="fused", other="for-loop")
 
     report = {**machine(), "device": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "args": dict(vars(args)), "rows": rows}
@@ -152,7 +226,8 @@ def main(args) -> dict:
           f"(median of {args.reps} runs x times per step)")
     print(f"{'piece':<56}{'package':>10}{'other':>10}{'saved':>10}")
     for r in rows:
-        print(f"{r['piece']:<56}{r['new_ms']:>10.2f}{r['old_ms']:>10.2f}{r['old_ms'] - r['new_ms']:>10.2f}")
+        saved = r["other_ms"] - r["package_ms"]
+        print(f"{r['piece']:<56}{r['package_ms']:>10.2f}{r['other_ms']:>10.2f}{saved:>10.2f}")
     write_json(report, args.json)
     return report
 

@@ -12,9 +12,9 @@ FLOPs of one step are counted once, on the eager model, with ``torch.utils.flop_
 step's compute dtype, timed in the same process on the same device, so the fraction is comparable across
 machines.
 
-The paper's "with [M]" baseline (the encoder sees every patch, removed ones replaced by a mask token) is
-timed too and MAE's speedup over it printed (``--no-compare_mask_tokens`` skips it). ``--profile N``
-prints where the time of N more steps goes, operator by operator (torch.profiler).
+The paper's "with [M]" baseline (the encoder sees every patch, removed ones replaced by a mask token;
+``benchmarks/with_mask_tokens.py``) is timed too and MAE's speedup over it printed (``--no-compare_mask_tokens``
+skips it). ``--profile N`` prints where the time of N more steps goes, operator by operator (torch.profiler).
 """
 from __future__ import annotations
 
@@ -31,32 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flat layout: the
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 
 from benchmarks.common import cpu_model, machine, write_json  # noqa: E402
+from benchmarks.flops import MatmulPeak, compute_dtype, count_flops, synchronize  # noqa: E402
+from benchmarks.with_mask_tokens import MaskedAutoencoderWithMaskTokens  # noqa: E402
 from util.amp import AMP_CHOICES, GradientUpdater, autocast, resolve_amp  # noqa: E402
 from util.cli import default_device  # noqa: E402
-from util.runtime import adamw_implementation, build_model  # noqa: E402
-
-aten = torch.ops.aten
-
-
-def _cpu_sdpa_flops(query, key, value, *args, **kwargs):
-    return sdpa_flop_count(query.shape, key.shape, value.shape)
-
-
-def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, **kwargs):
-    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
-
-
-_cpu_sdpa_flops._get_raw = True
-_cpu_sdpa_backward_flops._get_raw = True
-# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that SDPA dispatches to on
-# CPU; without these the attention FLOPs of a CPU step would silently count as zero.
-EXTRA_FLOP_FORMULAS = {
-    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
-}
+from util.runtime import adamw, build_model  # noqa: E402
 
 
 def get_args_parser():
@@ -78,7 +59,8 @@ def get_args_parser():
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of the encoder blocks")
     p.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth of the fine-tuning model")
     p.add_argument("--optimizer", default="auto", choices=("auto", "fused", "foreach", "forloop"),
-                   help="AdamW implementation (auto: fused where the device supports it)")
+                   help="AdamW implementation (auto: util.runtime.adamw, as the training programs: fused on CUDA "
+                        "and CPU)")
     p.add_argument("--steps", default=5, type=int, help="timed steps (the median is reported)")
     p.add_argument("--warmup", default=2, type=int, help="untimed steps first (allocator, autotuning, compile)")
     p.add_argument("--peak_sizes", default=None,
@@ -95,11 +77,6 @@ def get_args_parser():
 
 
 # ------------------------------------------------------------------------------------------ environment
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
@@ -122,59 +99,6 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def compute_dtype(amp: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------- peak
-class MatmulPeak:
-    """The dense-matmul peak: a square ``n x n @ n x n`` matmul in the step's compute dtype.
-
-    ``sweep`` times each candidate size (median of ``reps``) and keeps the fastest; ``probe`` times one more
-    matmul of that size. The benchmark probes after every timed step, so each step is compared with the
-    peak measured seconds apart: on a shared machine the load changes from minute to minute, and a peak
-    taken only at the start would turn that drift into a wrong fraction.
-    """
-
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
-        self.by_size, self.samples, self.size = {}, [], None
-
-    def _time_one(self, a, b) -> float:
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(self.device)
-        return time.perf_counter() - t0
-
-    def _operands(self, n):
-        return (torch.randn(n, n, device=self.device, dtype=self.dtype),
-                torch.randn(n, n, device=self.device, dtype=self.dtype))
-
-    def sweep(self, sizes, reps: int) -> None:
-        for n in sizes:
-            a, b = self._operands(n)
-            self._time_one(a, b)  # warm-up
-            self.by_size[n] = 2 * n**3 / statistics.median(self._time_one(a, b) for _ in range(reps))
-        self.size = max(self.by_size, key=self.by_size.get)
-        self.samples.append(self.by_size[self.size])
-        self._a, self._b = self._operands(self.size)
-
-    def probe(self) -> float:
-        flops_per_s = 2 * self.size**3 / self._time_one(self._a, self._b)
-        self.samples.append(flops_per_s)
-        return flops_per_s
-
-    @property
-    def flops_per_s(self) -> float:
-        return statistics.median(self.samples)
-
-    def report(self, reps: int) -> dict:
-        return {"dtype": str(self.dtype).replace("torch.", ""), "size": self.size, "flops_per_s": self.flops_per_s,
-                "flops_per_s_by_size": {str(k): v for k, v in self.by_size.items()}, "reps": reps,
-                "probes": len(self.samples) - 1}
-
-
 # ---------------------------------------------------------------------------------------------- step
 def build(args, kind: str, device: torch.device):
     """The model and a batch for one kind of step: pretrain, pretrain_mask_tokens or finetune."""
@@ -185,12 +109,9 @@ def build(args, kind: str, device: torch.device):
             model.set_grad_checkpointing(True)
     else:
         name = args.model
-        kwargs = dict(img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+        model = build_model(name, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, grad_ckpt=args.grad_ckpt)
         if kind == "pretrain_mask_tokens":
-            kwargs["encoder_mask_tokens"] = True
-        if args.grad_ckpt:
-            kwargs["grad_ckpt"] = True
-        model = build_model(name, **kwargs)
+            model = MaskedAutoencoderWithMaskTokens.like(model)
     model.to(device).train()
     in_chans = getattr(model, "in_chans", 3)
     imgs = torch.randn(args.batch_size, in_chans, args.input_size, args.input_size, device=device)
@@ -199,15 +120,16 @@ def build(args, kind: str, device: torch.device):
 
 
 def make_optimizer(model, args, device):
+    """AdamW over the model's parameter groups; ``auto`` is util.runtime.adamw, what the training programs use."""
     from timm.optim import param_groups_weight_decay
 
     nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=nwd)
-    impl = args.optimizer
-    if impl == "auto":  # what util.runtime.adamw_implementation gives the training programs
-        impl = next(iter(adamw_implementation(device)))
-    flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "forloop": dict(foreach=False)}[impl]
-    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **flags), impl
+    if args.optimizer == "auto":
+        optimizer = adamw(groups, 1e-4, device, betas=(0.9, 0.95))
+        return optimizer, "fused" if optimizer.defaults["fused"] else "torch default"
+    flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "forloop": dict(foreach=False)}[args.optimizer]
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **flags), args.optimizer
 
 
 def make_step(kind, forward_module, imgs, labels, optimizer, updater, params, args, device):
@@ -222,12 +144,6 @@ def make_step(kind, forward_module, imgs, labels, optimizer, updater, params, ar
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
     return step
-
-
-def count_flops(step) -> int:
-    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
-        step()
-    return counter.get_total_flops()
 
 
 def time_steps(step, device, warmup: int, steps: int, peak: MatmulPeak):

@@ -6,6 +6,7 @@ Everything runs on tiny images and models; the real figures come from benchmarks
 import argparse
 import json
 import os
+import statistics
 
 import numpy as np
 import pytest
@@ -236,20 +237,29 @@ def test_linprobe_with_cache_features_trains_the_head_on_the_cache(imagefolder, 
     state = torch.load(out / "checkpoint-last.pth", weights_only=True)["model"]
     assert "blocks.0.attn.qkv.weight" in state  # the whole model is saved, as by the standard probe
     assert state["head.0.running_mean"].abs().sum() > 0  # the BatchNorm saw the cached features
+    assert state["head.0.num_batches_tracked"] == 2 * 2  # in training mode, at every step: 2 epochs of 16 / 8
 
 
 # ------------------------------------------------------------------------------------------ benchmarks
 def test_bench_data_command_line(tmp_path):
     pytest.importorskip("sklearn", reason="benchmarks need the 'bench' extra (scikit-learn)")
     out = tmp_path / "data.json"
-    result = run_program("benchmarks/bench_data.py", "--images", "6", "--repeats", "1", "--input_size", "96",
+    result = run_program("benchmarks/bench_data.py", "--images", "6", "--repeats", "2", "--input_size", "96",
                          "--json", out, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["images"] == 6 and set(report["runs"]) == {"plain", "package"}
-    assert all(run["images_per_s"] > 0 for run in report["runs"].values()) and report["speedup"] > 0
+    runs = report["runs"]
+    assert report["images"] == 6 and set(runs) == {"plain", "package"}
+    for run in runs.values():
+        assert len(run["pass_times_s"]) == 2
+        assert run["images_per_s"] == pytest.approx(6 / statistics.median(run["pass_times_s"]))
+        assert run["ms_per_image"] == pytest.approx(1e3 / run["images_per_s"])
+        assert 0 < run["cpu_share"] <= 1.5  # one thread: at most about one CPU second per wall second
+    assert report["speedup"] == pytest.approx(runs["package"]["images_per_s"] / runs["plain"]["images_per_s"])
+    paired = [p / q for p, q in zip(runs["plain"]["pass_times_s"], runs["package"]["pass_times_s"])]
+    assert report["speedup_paired_median"] == pytest.approx(statistics.median(paired))
     assert report["pixel_difference"]["mean_abs_grey_levels"] < 0.5
-    assert "speedup per worker" in result.stdout
+    assert f"speedup per worker: {report['speedup']:.2f}x" in result.stdout
 
 
 def test_bench_linprobe_command_line(tmp_path):
@@ -257,30 +267,50 @@ def test_bench_linprobe_command_line(tmp_path):
 
     data = make_fashion_mnist(tmp_path)  # 32 training, 16 test images
     out = tmp_path / "lp.json"
+    runs = tmp_path / "runs"
     result = run_program("benchmarks/bench_linprobe.py", "--data_path", data, "--pretrain_images", "32",
-                         "--pretrain_epochs", "1", "--probe_images", "32", "--epochs", "2", "--batch_size", "8",
-                         "--num_workers", "0", "--output_dir", tmp_path / "runs", "--json", out, timeout=300)
+                         "--pretrain_epochs", "1", "--probe_images", "32", "--epochs", "3", "--batch_size", "8",
+                         "--num_workers", "0", "--output_dir", runs, "--json", out, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["checkpoint"] == str(runs / "pretrain" / "checkpoint-last.pth")
     assert os.path.isfile(report["checkpoint"])
+    assert "main_pretrain.py" in report["pretrain_command"]
     for name in ("standard", "cached", "unaugmented"):
-        assert len(report[name]["epoch_times_s"]) == 2 and 0 <= report[name]["top1"] <= 100
+        run = report[name]
+        assert len(run["epoch_times_s"]) == 3 and run["epoch_time_s"] == statistics.median(run["epoch_times_s"])
+        last = json.loads((runs / name / "log.txt").read_text().splitlines()[-1])
+        assert last["epoch"] == 2 and run["top1"] == last["test_acc1"]  # the last epoch's, not the best
+        assert (run["top1"] * 16 / 100).is_integer()  # a share of the 16 test images
+    standard, cached = report["standard"], report["cached"]
+    # the encoder runs on every image every epoch in the standard probe, once before training in the cached one
+    assert cached["epoch_time_s"] < standard["epoch_time_s"]
+    assert report["speedup_per_epoch"] == pytest.approx(standard["epoch_time_s"] / cached["epoch_time_s"])
+    assert cached["feature_extraction_s"] >= 0 and standard["feature_extraction_s"] is None
+    assert report["break_even_epochs"] == pytest.approx(
+        cached["feature_extraction_s"] / (standard["epoch_time_s"] - cached["epoch_time_s"]))
+    assert report["top1_difference"] == cached["top1"] - standard["top1"]
+    # the same images, seed and head: the cache reproduces the standard probe without augmentation
+    assert report["top1_difference_unaugmented"] == 0
     assert "--no_train_augmentation" in report["unaugmented"]["command"]
-    assert report["top1_difference_unaugmented"] == report["cached"]["top1"] - report["unaugmented"]["top1"]
-    assert report["cached"]["feature_extraction_s"] >= 0 and report["standard"]["feature_extraction_s"] is None
-    assert report["speedup_per_epoch"] > 0
-    assert "--cache_features" in report["cached"]["command"] and "per-epoch speedup" in result.stdout
+    assert "--cache_features" in cached["command"] and "--cache_features" not in standard["command"]
+    assert f"per-epoch speedup {report['speedup_per_epoch']:.1f}x" in result.stdout
 
 
 def test_bench_ablations_command_line(tmp_path):
+    # the script checks that its 'package' masking and unshuffle are what models_mae does, or exits with an error
     out = tmp_path / "ablations.json"
     result = run_program("benchmarks/bench_ablations.py", "--model", "mae_vit_tiny_patch4", "--input_size", "16",
                          "--batch_size", "2", "--reps", "2", "--json", out, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 6 and all(r["new_ms"] > 0 and r["old_ms"] > 0 for r in rows)
-    assert [r["per_step"] for r in rows[2:4]] == [12, 4]  # attention once per encoder / decoder block
-    assert "decoder unshuffle" in result.stdout
+    assert [r["piece"].split(":")[0] for r in rows] == [
+        "masking gather", "decoder unshuffle", "encoder attention", "decoder attention", "AdamW", "AdamW"]
+    assert all(r["package_ms"] > 0 and r["other_ms"] > 0 for r in rows)
+    assert [r["per_step"] for r in rows] == [1, 1, 12, 4, 1, 1]  # attention once per encoder / decoder block
+    assert [(r["package"], r["other"]) for r in rows[4:]] == [("fused", "foreach"), ("fused", "for-loop")]
+    assert rows[4]["package_ms"] == rows[5]["package_ms"]  # one measurement of the fused AdamW, two comparisons
+    assert "decoder unshuffle: concat+gather+concat vs one gather" in result.stdout
 
 
 def test_cached_probe_reproduces_the_standard_probe_without_augmentation(imagefolder, tmp_path):
