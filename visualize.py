@@ -1,25 +1,12 @@
-"""Reconstructions of a pretrained masked autoencoder on your own images, for one or several mask ratios.
+"""Reconstructions of a pretrained masked autoencoder on your own images, for one or several mask ratios:
 
-    python visualize.py --checkpoint output_dir/checkpoint-last.pth --images photos/ --output recon.png
-    python visualize.py --checkpoint mae_visualize_vit_large.pth --model mae_vit_large_patch16 \\
-        --images cat.jpg dog.png --mask_ratio 0.5 0.75 0.9
-    python visualize.py --checkpoint mae_pretrain_vit_base_full.pth --model mae_vit_base_patch16 \\
-        --norm_pix_loss --images photos/
+    python visualize.py --checkpoint output_dir/checkpoint-last.pth --images photos/ --mask_ratio 0.5 0.75 0.9
 
-Model, input size, norm_pix_loss and dataset (for the mean/std) come from the checkpoint's training
-arguments when it has them (checkpoints of main_pretrain.py do); flags given on the command line win. The
-original's released files carry none: pass ``--model`` (and ``--norm_pix_loss`` for the ``*_full.pth``
-files, whose decoder predicts per-patch normalised pixels; the ``mae_visualize_*`` files predict pixels).
-
-Every mask ratio uses the same masking noise, so a sweep removes more and more patches of one ordering.
-
-Checkpoints pretrained with ``--target hog`` or ``--target teacher`` predict no pixels, so no image is
-reconstructed: the figure shows the masks and, on each removed patch, a heat map of the cosine similarity of
-prediction and target (recomputed from the image; a teacher checkpoint that has moved since pretraining can be
-named with ``--teacher_checkpoint``).
+Model, input size, norm_pix_loss, dataset (mean/std) and target come from the checkpoint's training arguments when
+it has them; flags win. The original's released files have none: pass ``--model`` (and ``--norm_pix_loss`` for
+``*_full.pth``). All ratios share one masking noise. ``--target hog``/``teacher`` checkpoints get a heat map of the
+cosine similarity of prediction and target per removed patch instead of a reconstruction.
 """
-from __future__ import annotations
-
 import argparse
 import os
 
@@ -28,44 +15,33 @@ from PIL import Image
 from torchvision import transforms
 
 from util.checkpoint import load_checkpoint_file, load_pretrained, model_state_dict, saved_args
-from util.errors import UserError
 from util.cli import Parser, default_device, run
+from util.datasets import DATASETS, dataset_info, load_rgb_image
+from util.errors import UserError
+from util.figures import draw, fixed_noise
 from util.runtime import build_model
 from util.targets import build_target
-from util.datasets import DATASETS, dataset_info, load_rgb_image
-from util.figures import (NORM_PIX_NOTE, SIMILARITY_NOTE, compare_with_target, fixed_noise, reconstruct,
-                            reconstruction_panel, render_figure, save_png, similarity_panel)
 
 DEFAULT_INPUT_SIZE = 224
-# the extensions Pillow can open, for picking images out of a directory
 IMAGE_EXTENSIONS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
 
 
 def get_args_parser():
     parser = Parser("MAE reconstructions of images", add_help=True)
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint with the decoder: main_pretrain.py's, or a released "
-                             "mae_visualize_*.pth / *_full.pth")
-    parser.add_argument("--images", nargs="+", required=True, metavar="PATH",
-                        help="image files and/or directories (every image directly inside, sorted by name)")
-    parser.add_argument("--mask_ratio", nargs="+", type=float, default=[0.75], metavar="R",
-                        help="one or several ratios in [0, 1): a block of rows per ratio")
+    parser.add_argument("--checkpoint", required=True, help="main_pretrain.py's, mae_visualize_*.pth or *_full.pth")
+    parser.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files and/or directories")
+    parser.add_argument("--mask_ratio", nargs="+", type=float, default=[0.75], metavar="R", help="ratios in [0, 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masking noise")
     parser.add_argument("--output", default="reconstruction.png", help="the PNG to write")
     parser.add_argument("--max_images", type=int, default=16, help="draw at most this many images (0: all)")
     g = parser.add_argument_group("model (default: from the checkpoint's training arguments)")
     g.add_argument("--model", default=None, help="mae_vit_* name; required for files without training arguments")
     g.add_argument("--input_size", type=int, default=None, help=f"image size (default {DEFAULT_INPUT_SIZE})")
-    g.add_argument("--norm_pix_loss", action="store_true", default=None,
-                   help="the decoder predicts per-patch normalised pixels (the released *_full.pth files)")
-    g.add_argument("--no_norm_pix_loss", action="store_false", dest="norm_pix_loss",
-                   help="the decoder predicts pixels (the released mae_visualize_*.pth files)")
+    g.add_argument("--norm_pix_loss", action="store_true", help="the decoder predicts per-patch normalised pixels")
+    g.add_argument("--no_norm_pix_loss", action="store_false", dest="norm_pix_loss", help="the decoder predicts pixels")
     parser.set_defaults(norm_pix_loss=None)  # None: not given, take the checkpoint's
-    g.add_argument("--dataset", default=None, choices=DATASETS,
-                   help="whose mean/std normalise the images (fashion_mnist: grey; others: ImageNet's)")
-    g.add_argument("--teacher_checkpoint", default=None, metavar="FILE",
-                   help="for --target teacher checkpoints: where the teacher's weights are now (default: the path "
-                        "recorded at pretraining)")
+    g.add_argument("--dataset", default=None, choices=DATASETS, help="whose mean/std normalise the images")
+    g.add_argument("--teacher_checkpoint", metavar="FILE", help="where a --target teacher's weights are now")
     g.add_argument("--device", default=default_device())
     return parser
 
@@ -102,23 +78,15 @@ def collect_image_paths(specs, max_images: int = 0) -> list:
 
 def load_images(paths, input_size: int, in_chans: int, mean, std) -> torch.Tensor:
     """Shorter side resized to ``input_size``, centre crop, the model's channel count, normalised."""
-    transform = transforms.Compose([
-        transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
-    images = []
-    for path in paths:
-        image = load_rgb_image(path)  # a broken file becomes a UserError naming it
-        images.append(transform(image.convert("L") if in_chans == 1 else image))
-    return torch.stack(images)
+    transform = transforms.Compose([transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.CenterCrop(input_size), transforms.ToTensor(),
+                                    transforms.Normalize(mean, std)])
+    return torch.stack([transform(load_rgb_image(path).convert("L" if in_chans == 1 else "RGB")) for path in paths])
 
 
 def main(args):
-    for ratio in args.mask_ratio:
-        if not 0.0 <= ratio < 1.0:
-            raise UserError(f"--mask_ratio must be in [0, 1), got {ratio}")
+    if not all(0.0 <= ratio < 1.0 for ratio in args.mask_ratio):
+        raise UserError(f"--mask_ratio must be in [0, 1), got {' '.join(map(str, args.mask_ratio))}")
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     paths = collect_image_paths(args.images, args.max_images)  # before the (slow) checkpoint load
@@ -126,88 +94,55 @@ def main(args):
     checkpoint = load_checkpoint_file(args.checkpoint)
     state = model_state_dict(checkpoint, args.checkpoint)
     if not any(key.startswith("decoder_") for key in state):
-        raise UserError(
-            f"{args.checkpoint} has no decoder weights (an encoder-only pretraining file such as "
-            f"mae_pretrain_vit_base.pth, or a fine-tuned classifier); reconstructions need the decoder: use a "
-            f"checkpoint of main_pretrain.py or a released mae_visualize_vit_*.pth / *_full.pth")
+        raise UserError(f"{args.checkpoint} has no decoder weights (encoder-only or fine-tuned); use a checkpoint "
+                        f"of main_pretrain.py or a released mae_visualize_vit_*.pth / *_full.pth")
     saved = saved_args(checkpoint)
     model_name = resolve_setting("model", args.model, saved, None)
     if not model_name:
         raise UserError(f"{args.checkpoint} holds no training arguments naming its model; pass --model "
-                         f"(e.g. --model mae_vit_large_patch16 for mae_visualize_vit_large.pth)")
+                        f"(e.g. --model mae_vit_large_patch16 for mae_visualize_vit_large.pth)")
     if not str(model_name).startswith("mae_"):
         raise UserError(f"reconstructions need a masked autoencoder (mae_vit_*), not {model_name}")
     input_size = int(resolve_setting("input_size", args.input_size, saved, DEFAULT_INPUT_SIZE))
     pixels = saved.get("target") in (None, "pixel", "norm_pixel")
     if not pixels and args.norm_pix_loss is not None:
         raise UserError(f"{args.checkpoint} was pretrained with --target {saved['target']}: its decoder predicts no "
-                         f"pixels, so --norm_pix_loss / --no_norm_pix_loss do not apply")
+                        f"pixels, so --norm_pix_loss / --no_norm_pix_loss do not apply")
     norm_pix = bool(resolve_setting("norm_pix_loss", args.norm_pix_loss, saved, False))
     target_name = ("norm_pixel" if norm_pix else "pixel") if pixels else saved["target"]
     dataset = resolve_setting("dataset", args.dataset, saved, "imagefolder")
     info = dataset_info(argparse.Namespace(dataset=dataset))
     # the weights know their channel count; the dataset only supplies statistics to match it
-    patch_weight = state.get("patch_embed.proj.weight")
-    in_chans = patch_weight.shape[1] if patch_weight is not None else info.in_chans
+    in_chans = state["patch_embed.proj.weight"].shape[1] if "patch_embed.proj.weight" in state else info.in_chans
     if len(info.mean) != in_chans:
         raise UserError(f"{args.checkpoint} expects {in_chans}-channel images but --dataset {dataset} has "
-                         f"{len(info.mean)}-channel statistics; pass --dataset "
-                         f"{'fashion_mnist' if in_chans == 1 else 'imagefolder'}")
+                        f"{len(info.mean)}; pass --dataset {'fashion_mnist' if in_chans == 1 else 'imagefolder'}")
     if saved.get("norm_pix_loss") is None and args.norm_pix_loss is None and pixels:
-        print("note: the checkpoint does not say whether it used norm_pix_loss; assuming pixel targets "
-              "(pass --norm_pix_loss for norm_pix models such as the released *_full.pth)")
+        print("note: the checkpoint does not say whether it used norm_pix_loss; assuming not (--norm_pix_loss)")
     print(f"model {model_name}, {input_size} px, {in_chans} channel(s), target {target_name}, "
           f"norm_pix_loss {norm_pix}, {dataset} mean/std")
 
-    settings = {**saved, "target": target_name}
-    if args.teacher_checkpoint:
-        settings["teacher_checkpoint"] = args.teacher_checkpoint
+    settings = {**saved, "target": target_name}  # --teacher_checkpoint: where the recorded teacher is now
+    settings["teacher_checkpoint"] = args.teacher_checkpoint or saved.get("teacher_checkpoint")
     model = build_model(model_name, img_size=input_size, in_chans=in_chans, norm_pix_loss=norm_pix)
     target = build_target(settings, model, info.mean, info.std, args.device)
     if target is not None:
         model.set_target(target)
-    pred_rows = state["decoder_pred.weight"].shape[0] if "decoder_pred.weight" in state else None
-    if target is not None:
         print(f"target: {target.describe()}")
+    pred_rows = state["decoder_pred.weight"].shape[0] if "decoder_pred.weight" in state else None
     if pred_rows is not None and pred_rows != model.decoder_pred.out_features:
-        if target is not None:
-            raise UserError(f"{args.checkpoint}: the decoder predicts {pred_rows} values per patch but the "
-                                  f"recorded target gives {target.dim} (another teacher or --hog_cell?)")
-        raise UserError(f"{args.checkpoint}: the decoder predicts {pred_rows} values per patch, not the "
-                              f"{model.decoder_pred.out_features} pixel values, and the file does not say which "
-                              f"target it was trained for; no reconstruction can be drawn")
+        why = (f"the recorded target gives {target.dim} (another teacher or --hog_cell?)" if target is not None else
+               "the file does not say which target it was trained for; no reconstruction can be drawn")
+        raise UserError(f"{args.checkpoint}: the decoder predicts {pred_rows} values per patch but {why}")
     load_pretrained(model, args.checkpoint, log=print)
     model.to(args.device)
 
     images = load_images(paths, input_size, in_chans, info.mean, info.std)
-    noise = fixed_noise(len(images), model.patch_embed.num_patches, args.seed)
-    panels = []
-    for ratio in args.mask_ratio:
-        if target is None:
-            rec = reconstruct(model, images, noise, ratio)
-            panel = reconstruction_panel(rec, images, info.mean, info.std)
-        else:
-            rec = compare_with_target(model, target, images, noise, ratio)
-            panel = similarity_panel(rec, images, info.mean, info.std)
-        panel.title = (f"mask ratio {ratio:g}: {rec.num_removed} of {rec.num_patches} patches removed (grey), "
-                       f"loss {rec.loss:.4f}")
-        if target is not None:
-            panel.title += f", mean cosine similarity on removed patches {rec.removed_similarity:.3f}"
-        panels.append(panel)
-    epoch = checkpoint.get("epoch")
-    parts = [f"{os.path.basename(args.checkpoint)} ({model_name}"
-             f"{f', epoch {epoch}' if isinstance(epoch, int) else ''}), {len(images)} image(s)",
-             f"masking noise seed {args.seed}" + (", the same for every ratio" if len(args.mask_ratio) > 1 else "")]
-    if target is None:
-        parts.append("last column: visible patches are the input pixels")
-    else:
-        parts += [f"target: {target.describe()}, not pixels, so no image is reconstructed", SIMILARITY_NOTE]
-    if norm_pix:
-        parts.append(NORM_PIX_NOTE)
-    caption = "; ".join(parts)
-    figure = render_figure(caption, panels)
-    save_png(figure.image, args.output)
-    print(f"wrote {args.output} ({figure.image.shape[1]}x{figure.image.shape[0]} px)")
+    noise = fixed_noise(len(images), model.patch_embed.num_patches, args.seed)  # one ordering for every ratio
+    epoch = f", epoch {checkpoint['epoch']}" if isinstance(checkpoint.get("epoch"), int) else ""
+    draw(model, images, noise, args.mask_ratio, info.mean, info.std,
+         f"{os.path.basename(args.checkpoint)} ({model_name}{epoch}), masking noise seed {args.seed}", args.output)
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
