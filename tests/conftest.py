@@ -29,3 +29,49 @@ def imagefolder(tmp_path_factory):
     from fakedata import make_imagefolder
 
     return make_imagefolder(tmp_path_factory.mktemp("data"), num_classes=2, per_class=8, size=32)
+
+
+# ------------------------------------------------------------------ helpers for end-to-end promises
+# Subprocess runs (a program, torchrun) get this many seconds: generous, because a shared 2-core machine can be many
+# times slower than an idle one; a run that hangs still ends. MAE_TEST_SUBPROCESS_TIMEOUT overrides it.
+SUBPROCESS_TIMEOUT = float(os.environ.get("MAE_TEST_SUBPROCESS_TIMEOUT", 1800))
+
+
+class StopProgram(Exception):
+    """Raised by a spy to end an in-process program run once it has shown what it built."""
+
+
+def stop_at_training(monkeypatch, module):
+    """Replace ``module.train_one_epoch`` by a spy that records what the program built (``model``, ``optimizer``,
+    ``args`` and the keyword arguments, e.g. ``criterion``) and stops the run with ``StopProgram``."""
+    seen = {}
+
+    def spy(model, data_loader, optimizer, device, epoch, updater, args, **kwargs):
+        seen.update(model=model, data_loader=data_loader, optimizer=optimizer, args=args, **kwargs)
+        raise StopProgram
+
+    monkeypatch.setattr(module, "train_one_epoch", spy)
+    return seen
+
+
+def watch_training(monkeypatch, module, on_first_call=None):
+    """Wrap ``module.train_one_epoch`` so that it still trains, after keeping a copy of the trained module's state
+    as training starts (``seen['initial']``) and the arguments of every call (``seen['calls']``);
+    ``on_first_call(seen)`` may install more spies (it gets ``model``, ``optimizer`` and ``kwargs`` in ``seen``)."""
+    from engine import unwrap
+
+    real = module.train_one_epoch
+    seen = {"calls": []}
+
+    def spy(model, data_loader, optimizer, device, epoch, updater, args, **kwargs):
+        if not seen["calls"]:
+            seen["initial"] = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+            seen.update(model=model, optimizer=optimizer, args=args, kwargs=kwargs)
+            if on_first_call is not None:
+                on_first_call(seen)
+        seen["calls"].append(dict(epoch=epoch, **kwargs))
+        kwargs = {**kwargs, **seen.get("replace_kwargs", {})}
+        return real(model, data_loader, optimizer, device, epoch, updater, args, **kwargs)
+
+    monkeypatch.setattr(module, "train_one_epoch", spy)
+    return seen

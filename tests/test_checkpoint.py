@@ -1,5 +1,6 @@
 """Loading weights: released-file shapes, resampling, heads, bad keys, and refusing pickled code."""
 import argparse
+import math
 import os
 import pickle
 import stat
@@ -7,6 +8,7 @@ import stat
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import models_mae  # noqa: F401  (registers the models)
 import models_vit  # noqa: F401
@@ -97,25 +99,59 @@ def test_shape_mismatch_is_an_error_naming_the_key(tmp_path):
         load_pretrained(mae(in_chans=3), tmp_path / "gray.pth", log=None)
 
 
-def test_position_tables_14x14_resample_to_16x16(tmp_path):
-    source = mae(img_size=56)  # 14 x 14 patches of 4 px
+def resample_like_the_original(table, new_grid):
+    """The original code's interpolate_pos_embed, written out: the cls row kept, the s x s grid reshaped to
+    (1, D, s, s), F.interpolate bicubic with align_corners=False and no antialias, back to rows in raster order."""
+    side = math.isqrt(table.shape[1] - 1)
+    assert side * side == table.shape[1] - 1
+    grid = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    new = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=False)
+    new = new.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1)
+    return torch.cat([table[:, :1], new], dim=1)
+
+
+@pytest.fixture
+def p14_file(tmp_path):
+    """A pretraining file for 14 x 14 patches of 4 px whose position tables are random (the fixed sin-cos tables are
+    smooth and symmetric, so a transposed or differently interpolated grid could come out close to them)."""
+    torch.manual_seed(0)
+    source = mae(img_size=56)
+    with torch.no_grad():
+        source.pos_embed.normal_()
+        source.decoder_pos_embed.normal_()
     torch.save({"model": source.state_dict()}, tmp_path / "p14.pth")
+    return tmp_path / "p14.pth", source.state_dict()
+
+
+def test_position_tables_14x14_resample_to_16x16(p14_file):
+    path, source = p14_file
     target = mae(img_size=64)  # 16 x 16
-    report = load_pretrained(target, tmp_path / "p14.pth", log=None)
+    report = load_pretrained(target, path, log=None)
     assert sorted(report["resampled"]) == ["decoder_pos_embed", "pos_embed"]
     for key in ("pos_embed", "decoder_pos_embed"):
         table = target.state_dict()[key]
-        assert table.shape[1] == 1 + 16 * 16
-        assert torch.equal(table[:, 0], source.state_dict()[key][:, 0])  # the cls row is kept as is
-        old = source.state_dict()[key][0, 1:].reshape(14, 14, -1)
-        new = table[0, 1:].reshape(16, 16, -1)
-        # corners of the grid stay at the corners (align_corners=False bicubic: close, not equal)
-        assert torch.allclose(new[0, 0], old[0, 0], atol=0.15) and torch.allclose(new[-1, -1], old[-1, -1], atol=0.15)
-        assert not torch.allclose(new[1, 1], old[1, 1], atol=1e-3)
+        assert table.shape == (1, 1 + 16 * 16, source[key].shape[-1])
+        assert torch.equal(table[:, 0], source[key][:, 0])  # the cls row is kept as is
+        torch.testing.assert_close(table, resample_like_the_original(source[key], (16, 16)), atol=1e-6, rtol=1e-6)
     # and the classifier path does the same for a fine-tuning run at a larger size
     model = vit(img_size=64, num_classes=2)
-    load_pretrained(model, tmp_path / "p14.pth", log=None)
-    assert model.pos_embed.shape == (1, 257, 32)
+    load_pretrained(model, path, log=None)
+    torch.testing.assert_close(model.pos_embed.detach(), resample_like_the_original(source["pos_embed"], (16, 16)),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_position_table_14x14_resamples_to_a_non_square_12x16_grid(p14_file):
+    """A 48 x 64 px input (as 192 x 256 px would be for 16-px patches): fewer rows, more columns than the
+    checkpoint's grid; rows follow the image's height."""
+    path, source = p14_file
+    model = vit(img_size=(48, 64), num_classes=2)
+    assert tuple(model.patch_embed.grid_size) == (12, 16)
+    report = load_pretrained(model, path, log=None)
+    assert report["resampled"] == ["pos_embed"]
+    table = model.pos_embed.detach()
+    assert table.shape == (1, 1 + 12 * 16, 32)
+    assert torch.equal(table[:, 0], source["pos_embed"][:, 0])
+    torch.testing.assert_close(table, resample_like_the_original(source["pos_embed"], (12, 16)), atol=1e-6, rtol=1e-6)
 
 
 class _Exploit:

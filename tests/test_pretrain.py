@@ -1,13 +1,17 @@
 """main_pretrain.py end to end on tiny data: runs, torchrun, accumulation, exact resume, clear errors."""
 import json
+import os
+import re
 import shutil
+import socket
+import subprocess
 import sys
 
 import pytest
 import torch
 
 import main_pretrain
-from conftest import run_program, tiny_pretrain_argv
+from conftest import REPO, SUBPROCESS_TIMEOUT, run_program, tiny_pretrain_argv
 from engine import train_one_epoch
 from util.amp import GradientUpdater
 from util.datasets import build_dataset, build_transform
@@ -42,10 +46,13 @@ def test_short_pretraining_run_writes_checkpoints_and_log(imagefolder, tmp_path)
     assert list(out.glob("events.out.tfevents.*"))
 
 
-def test_torchrun_two_processes_gloo(imagefolder, tmp_path):
+def test_torchrun_two_processes_gloo(imagefolder, tmp_path, one_process_reference):
+    """Two processes of batch 8 train as one of batch 16: DDP averages the gradients (each rank alone would end with
+    other weights); one log and one set of checkpoints, from rank 0."""
     out = tmp_path / "out"
-    result = run_program("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_pretrain.py",
-                         *tiny_pretrain_argv(imagefolder, out))
+    result = run_program("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         pinned_randomness_script(tmp_path), *synchronised_argv(imagefolder, out, batch_size=8),
+                         timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 1/2, gloo" in result.stdout or "rank 1/2, gloo" in result.stderr
     assert len(log_lines(out)) == 2  # one log, written by rank 0 only
@@ -53,6 +60,7 @@ def test_torchrun_two_processes_gloo(imagefolder, tmp_path):
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["args"]["world_size"] == 2
     # rank 0 alone prints progress
     assert result.stdout.count("Averaged stats") == 2
+    assert_trained_like_one_process(out, one_process_reference)
 
 
 def test_resume_after_epoch_k_is_bit_identical(imagefolder, tmp_path):
@@ -210,28 +218,121 @@ def test_total_norm_is_the_same_with_and_without_torch_get_total_norm(monkeypatc
     assert torch.allclose(total_norm(tensors), expected)
 
 
-def test_torchrun_two_nodes_static_rendezvous(imagefolder, tmp_path):
+def test_torchrun_two_nodes_static_rendezvous(imagefolder, tmp_path, one_process_reference):
     """Multi-node as users launch it: one torchrun per node, --nnodes 2 --node_rank K --master_addr/--master_port
-    (both "nodes" on this host, one process each): one log and one set of checkpoints, from global rank 0."""
-    import os
-    import socket
-    import subprocess
-
-    from conftest import REPO
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (both "nodes" on this host, one process each): one log and one set of checkpoints, from global rank 0, and the
+    gradients averaged across the nodes (the same weights as one process of the global batch)."""
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
-                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-                               "main_pretrain.py", *tiny_pretrain_argv(imagefolder, out)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    outputs = launch_two_nodes(pinned_randomness_script(tmp_path), synchronised_argv(imagefolder, out, batch_size=8))
     assert "rank 0/2, gloo" in outputs[0] and "rank 1/2, gloo" in outputs[1]
     assert "Averaged stats" in outputs[0] and "Averaged stats" not in outputs[1]  # only global rank 0 prints
     assert [line["epoch"] for line in log_lines(out)] == [0, 1]
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["args"]["world_size"] == 2
+    assert_trained_like_one_process(out, one_process_reference)
+
+
+def launch_two_nodes(script, argv, attempts=3):
+    """Both launchers of a 2-node static rendezvous on this host; returns their outputs. The master port must be
+    known to both before either starts, so it is picked free and released; should another process take it in that
+    moment, the launch is retried on a new port."""
+    for attempt in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                   str(script), *argv],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for rank in (0, 1)]
+        try:
+            outputs = [node.communicate(timeout=SUBPROCESS_TIMEOUT)[0] for node in nodes]
+        finally:
+            for node in nodes:
+                if node.poll() is None:
+                    node.kill()
+                    node.communicate()
+        port_taken = any(re.search(r"address already in use|EADDRINUSE", o, re.IGNORECASE) for o in outputs)
+        if [node.returncode for node in nodes] == [0, 0] or not port_taken or attempt + 1 == attempts:
+            break
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    return outputs
+
+
+# ------------------------------------------------------------------ gradient synchronisation across processes
+# main_pretrain.py with its per-process random draws pinned, so that 2 processes of batch 8 and 1 of batch 16 see the
+# same images and masks: the augmentation becomes the evaluation transform, and each image's mask comes from its own
+# pixels instead of the process's RNG (each rank seeds its RNG with seed + rank). Everything else is the program.
+# The data then match: DistributedSampler draws one permutation per epoch from seed + epoch whatever the world size,
+# rank r takes its items r, r + W, ...; with 16 images an epoch is one step, and the two ranks' batches of 8 are
+# together the one process's batch of 16. The initial weights match too: DDP broadcasts rank 0's, and rank 0 seeds
+# as the one process does. With every image masking the same number of patches, the mean of the two ranks' mean
+# losses is the mean loss over 16, so averaged gradients give the one process's update up to rounding; a rank that
+# kept its own gradients would end elsewhere (and rank 1 would keep its own initial weights).
+PINNED_RANDOMNESS = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch
+import torch.nn.functional as F
+
+import main_pretrain
+import models_mae
+from util.cli import run
+from util.datasets import build_transform
+
+main_pretrain.build_transform = lambda kind, args: build_transform("eval", args)
+forward = models_mae.MaskedAutoencoderViT.forward
+
+
+def forward_with_masks_from_pixels(self, imgs, mask_ratio=0.75, noise=None):
+    noise = F.adaptive_avg_pool2d(imgs.mean(1, keepdim=True), self.patch_embed.grid_size).flatten(1)
+    return forward(self, imgs, mask_ratio, noise + torch.arange(noise.shape[1]) * 1e-4)
+
+
+models_mae.MaskedAutoencoderViT.forward = forward_with_masks_from_pixels
+run(main_pretrain.main, main_pretrain.get_args_parser().parse_args())
+"""
+
+
+def pinned_randomness_script(directory):
+    path = directory / "pretrain_pinned.py"
+    path.write_text(PINNED_RANDOMNESS.format(repo=str(REPO)))
+    return path
+
+
+def synchronised_argv(imagefolder, out, batch_size):
+    # 2 epochs of one step each at a constant lr: big enough steps to tell averaged gradients from one rank's
+    return tiny_pretrain_argv(imagefolder, out, "--batch_size", batch_size, "--warmup_epochs", "0", "--lr", "1e-3",
+                              "--min_lr", "1e-3", "--vis_freq", "0")
+
+
+@pytest.fixture(scope="module")
+def one_process_reference(imagefolder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process")
+    result = run_program(pinned_randomness_script(out), *synchronised_argv(imagefolder, out / "run", batch_size=16),
+                         timeout=SUBPROCESS_TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "run"
+
+
+def assert_trained_like_one_process(out, reference):
+    """The same losses and the same gradients as the one-process run. The gradients are read from AdamW's moments in
+    the checkpoints (after the first step exp_avg = 0.1 g, exp_avg_sq = 0.001 g^2): the weights themselves cannot
+    be compared element by element, because Adam's first steps move every element by about lr x sign(g), and some
+    gradients are pure rounding noise (a key bias shifts all of a query's logits alike: its true gradient is 0)."""
+    assert [line["train_loss"] for line in log_lines(out)] == pytest.approx(
+        [line["train_loss"] for line in log_lines(reference)], rel=1e-5)
+    for name in ("checkpoint-0.pth", "checkpoint-last.pth"):
+        ours = torch.load(out / name, weights_only=True)
+        theirs = torch.load(reference / name, weights_only=True)
+        states = ours["optimizer"]["state"], theirs["optimizer"]["state"]
+        assert states[0].keys() == states[1].keys() and len(states[0]) > 100
+        for index in states[1]:
+            for moment in ("exp_avg", "exp_avg_sq"):
+                expected = states[1][index][moment]
+                torch.testing.assert_close(states[0][index][moment], expected, rtol=1e-3,
+                                           atol=1e-3 * expected.abs().max().item(), msg=f"{name} {moment} {index}")
+        # and nearly every weight is the same (those that are not have gradients of rounding noise)
+        same = sum(torch.isclose(ours["model"][k], theirs["model"][k], rtol=1e-5, atol=1e-6).sum().item()
+                   for k in theirs["model"])
+        assert same > 0.999 * sum(v.numel() for v in theirs["model"].values())

@@ -1,6 +1,7 @@
 """Reconstruction targets beyond pixels (util/targets.py): HOG, frozen-teacher features, and pretraining,
 fine-tuning and resuming with them."""
 import argparse
+import copy
 import json
 import math
 
@@ -109,6 +110,33 @@ def test_gaussian_weighting_is_centred_on_each_patch_with_std_half_the_patch():
     assert torch.allclose(one_d, torch.exp(-0.5 * (torch.tensor([-1.5, -0.5, 0.5, 1.5]) / 2) ** 2) / math.exp(-0.5 / 16))
 
 
+def test_hog_gaussian_weighting_changes_the_histogram_as_computed_by_hand():
+    """One 16-px patch as one cell: a vertical step through the patch centre (columns 7 | 8) and a horizontal step
+    far above it (rows 1 | 2). Sobel gives gx = 4 on columns 7 and 8 (orientation 0: bin 0), gy = 4 on rows 1 and
+    2 (90 degrees: bin 4), both where they cross (45 degrees, magnitude 4 sqrt 2: bin 2). Unweighted, bins 0 and 4
+    would be equal (14 x 2 pixels each); the Gaussian of std 8 around the patch centre (7.5, 7.5) weighs the far
+    edge less."""
+    p = 16
+    rows, cols = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    imgs = ((cols >= 8).float() + (rows >= 2).float()).view(1, 1, p, p)
+    w = torch.exp(-0.5 * ((torch.arange(p, dtype=torch.float64) - 7.5) / 8) ** 2)  # per row / column
+    near, far = torch.zeros(p, dtype=torch.bool), torch.zeros(p, dtype=torch.bool)
+    near[[7, 8]], far[[1, 2]] = True, True
+
+    def histogram(weight):
+        hist = torch.zeros(HOG_BINS, dtype=torch.float64)
+        hist[0] = 4 * weight[~far].sum() * weight[near].sum()
+        hist[4] = 4 * weight[far].sum() * weight[~near].sum()
+        hist[2] = 4 * math.sqrt(2) * weight[far].sum() * weight[near].sum()
+        return hist / hist.norm()
+
+    expected, unweighted = histogram(w), histogram(torch.ones(p, dtype=torch.float64))
+    assert unweighted[0] == unweighted[4] and expected[0] > 1.1 * expected[4]  # the weighting matters here
+    hist = hog_histograms(imgs, cell=p, patch=p)[0, 0, :, 0, 0]
+    torch.testing.assert_close(hist.double(), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(HOGTarget(p, 1, p)(imgs)[0, 0].double(), expected, atol=1e-6, rtol=1e-6)
+
+
 def test_hog_runs_in_float32_under_autocast():
     imgs = torch.randn(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -196,6 +224,29 @@ def test_teacher_features_are_its_patch_tokens_with_its_own_input_normalisation(
     assert vit.num_prefix_tokens == 3
     expected = F.layer_norm(tokens, (32,), eps=1e-6)
     assert torch.allclose(target(imgs), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (6, 8)], ids=["8-8", "6-8"])
+def test_teacher_features_on_another_grid_are_resampled_bilinearly(grid):
+    """A teacher with 8-px patches (a 4 x 4 grid at 32 px) for a student grid of 8 x 8 (4-px patches) or 6 x 8:
+    the teacher's patch tokens, computed here by a plain forward, as a (N, D, 4, 4) map resampled with
+    F.interpolate(bilinear, align_corners=False), in the student's raster order, then the non-affine LayerNorm."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    target = TeacherTarget(vit, mean=IMAGENET_MEAN, std=IMAGENET_STD, data_mean=IMAGENET_MEAN, data_std=IMAGENET_STD,
+                           input_size=32, grid=grid, layer=-1)
+    imgs = torch.randn(2, 3, 32, 32)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    plain = copy.deepcopy(vit).eval()
+    plain.norm = torch.nn.Identity()  # the last block's output, before the final norm
+    with torch.no_grad():
+        tokens = plain.forward_features((imgs * std + mean - mean) / std)[:, plain.num_prefix_tokens:]  # (2, 16, 32)
+    teacher_map = tokens.transpose(1, 2).reshape(2, 32, 4, 4)  # rows of the teacher's grid first
+    resampled = F.interpolate(teacher_map, size=grid, mode="bilinear", align_corners=False)
+    expected = F.layer_norm(resampled.flatten(2).transpose(1, 2), (32,), eps=1e-6)
+    out = target(imgs)
+    assert out.shape == (2, grid[0] * grid[1], 32)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_teacher_layer_is_chosen_and_checked(timm_teacher_file):
