@@ -1,9 +1,5 @@
-"""Mixed precision and the optimizer update, device-agnostic through ``torch.amp``.
-
-bf16 needs no loss scaling (its exponent range is fp32's), so a GradScaler exists only for fp16; the
-original code's fp16 default produced NaN losses for some large models, hence bf16 by default on GPUs
-that support it and full precision on CPU.
-"""
+"""Mixed precision and the optimizer update. bf16 needs no loss scaling (its exponent range is fp32's), so only
+fp16 gets a GradScaler; the original's fp16 default gave NaN losses for some large models, hence bf16 on GPUs."""
 from __future__ import annotations
 
 import contextlib
@@ -18,9 +14,7 @@ AMP_CHOICES = ("bf16", "fp16", "none")
 def resolve_amp(amp: str | None, device: torch.device) -> str:
     """``--amp`` as given, or the default for the device: bf16 on GPUs that support it, else none."""
     if amp is None:
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "none"
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
     if amp not in AMP_CHOICES:
         raise UserError(f"--amp must be one of {AMP_CHOICES}, got {amp!r}")
     if amp == "fp16" and device.type == "cpu":
@@ -31,26 +25,18 @@ def resolve_amp(amp: str | None, device: torch.device) -> str:
 def autocast(amp: str, device: torch.device):
     if amp == "none":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 class GradientUpdater:
-    """Backward, optional unscale + clipping, optimizer step; with a GradScaler only for fp16.
-
-    Returns the gradient norm as a tensor (no host synchronisation) on update steps, else None.
-    """
-
-    state_dict_key = "amp_scaler"
+    """Backward, optional unscale and clipping, optimizer step. Returns the gradient norm as a device tensor (no
+    host synchronisation) on update steps, else None."""
 
     def __init__(self, amp: str, device: torch.device):
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
     def __call__(self, loss, optimizer, parameters, clip_grad=None, update_grad=True):
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         if not update_grad:
             return None
         parameters = [p for p in parameters if p.grad is not None]
@@ -60,11 +46,11 @@ class GradientUpdater:
             norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
         else:
             norm = total_norm([p.grad for p in parameters])
-        if self.scaler is not None:
+        if self.scaler is None:
+            optimizer.step()
+        else:
             self.scaler.step(optimizer)
             self.scaler.update()
-        else:
-            optimizer.step()
         return norm
 
     def state_dict(self):
@@ -76,8 +62,7 @@ class GradientUpdater:
 
 
 def total_norm(tensors) -> torch.Tensor:
-    """The L2 norm of all ``tensors`` together, left on the device (no host synchronisation)."""
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: foreach kernels
-    if get_total_norm is not None:
-        return get_total_norm(tensors)
+    """The L2 norm of all ``tensors`` together, left on the device."""
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: foreach kernels
+        return torch.nn.utils.get_total_norm(tensors)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))

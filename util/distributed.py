@@ -1,13 +1,9 @@
 """One distributed code path for a single process, torchrun (single and multi-node) and SLURM tasks.
 
-The environment says which case applies:
-
-* torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
-* under SLURM (``srun``, submitit) every task has ``SLURM_PROCID``, ``SLURM_NTASKS`` and ``SLURM_LOCALID``;
-  the rendezvous is the job's first node, on a port derived from the job id, so no shared file is needed;
-* otherwise there is one process and no process group at all.
-
-nccl is used on CUDA, gloo on CPU. Only rank 0 prints (``print(..., force=True)`` prints from any rank).
+torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; SLURM tasks (``srun``, submitit) have ``SLURM_PROCID``,
+``SLURM_NTASKS`` and ``SLURM_LOCALID``, and meet on the job's first node at a port derived from the job id (no
+shared file needed); otherwise there is one process and no process group. nccl on CUDA, gloo on CPU. Only rank 0
+prints (``print(..., force=True)`` prints from any rank).
 """
 from __future__ import annotations
 
@@ -37,66 +33,42 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    if is_dist():
-        dist.barrier()
-
-
 def slurm_master_addr() -> str:
-    """The job's first node (``SLURM_JOB_NODELIST`` such as ``gpu[003-005,9]-ib,cpu1`` -> ``gpu003-ib``).
-
-    submitit, a dependency, already parses SLURM's compressed node lists; plain ``srun`` tasks use it too."""
-    return SlurmJobEnvironment().hostnames[0]
-
-
-def _slurm_port(job_id: str) -> int:
-    # same on every task of a job, different for jobs sharing a node
-    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+    """The job's first node (``SLURM_JOB_NODELIST`` such as ``gpu[003-005,9]-ib,cpu1`` -> ``gpu003-ib``)."""
+    return SlurmJobEnvironment().hostnames[0]  # submitit parses SLURM's compressed node lists
 
 
 def init_distributed_mode(args) -> None:
     """Set ``args.rank``, ``args.world_size``, ``args.gpu`` (local rank) and ``args.distributed``; start the
     process group when there is more than one process."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.run
-        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        args.gpu = int(env.get("LOCAL_RANK", 0))
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun
+        args.rank, args.world_size, args.gpu = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         args.gpu = int(env.get("SLURM_LOCALID", 0))
         env.setdefault("MASTER_ADDR", slurm_master_addr())
-        env.setdefault("MASTER_PORT", str(_slurm_port(env.get("SLURM_JOB_ID", "0"))))
+        # the same on every task of a job, different for jobs sharing a node
+        env.setdefault("MASTER_PORT", str(20000 + int(re.sub(r"\D", "", env.get("SLURM_JOB_ID", "")) or 0) % 20000))
     else:
-        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
-        return
+        args.rank, args.world_size, args.gpu = 0, 1, 0
     args.distributed = args.world_size > 1
     if not args.distributed:
         return
-
     use_cuda = str(args.device).startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(args.gpu)
     backend = "nccl" if use_cuda else "gloo"
     print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}): {args.dist_url}", flush=True)
-    dist.init_process_group(
-        backend=backend,
-        init_method=args.dist_url,
-        world_size=args.world_size,
-        rank=args.rank,
-        timeout=datetime.timedelta(minutes=30),
-        device_id=torch.device("cuda", args.gpu) if use_cuda else None,
-    )
-    barrier()
-    _print_only_on_main(args.rank == 0)
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(minutes=30),
+                            device_id=torch.device("cuda", args.gpu) if use_cuda else None)
+    dist.barrier()
+    builtin_print, is_main = builtins.print, args.rank == 0
 
-
-def _print_only_on_main(is_main: bool) -> None:
-    builtin_print = builtins.print
-
-    def print_main(*args, **kwargs):
-        force = kwargs.pop("force", False)
+    def print_main(*print_args, force=False, **kwargs):
         if is_main or force:
-            builtin_print(*args, **kwargs)
+            builtin_print(*print_args, **kwargs)
 
     builtins.print = print_main
 
@@ -121,7 +93,7 @@ def all_gather_object(obj) -> list:
 
 
 def collective_device() -> torch.device:
-    """Where tensors must live for a collective of the current process group (nccl: this GPU; gloo: CPU)."""
+    """Where tensors must live for a collective (nccl: this GPU; gloo: CPU)."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -1,10 +1,5 @@
-"""Progress lines, the per-epoch ``log.txt`` and TensorBoard scalars.
-
-Meters accept tensors and keep them on their device: a value is read back to the host only when a progress
-line is printed or the epoch ends, so logging does not force a synchronisation every iteration.
-"""
-from __future__ import annotations
-
+"""Progress lines, the per-epoch log.txt and TensorBoard scalars. Meters keep tensors on their device and read
+them back only to print, so logging does not synchronise the host with the GPU every iteration."""
 import datetime
 import json
 import os
@@ -17,41 +12,32 @@ from util import distributed
 from util.errors import UserError
 
 
-def _to_float(value) -> float:
-    return value.item() if isinstance(value, torch.Tensor) else float(value)
-
-
 class Meter:
     """A running mean over the epoch and the median of the last ``window`` values."""
 
     def __init__(self, window=20, fmt="{median:.4f} ({global_avg:.4f})"):
         self.window = deque(maxlen=window)
-        self.total = 0.0
-        self.count = 0
-        self.fmt = fmt
+        self.total, self.count, self.fmt = 0.0, 0, fmt
 
     def update(self, value, n=1):
-        if isinstance(value, torch.Tensor):
-            value = value.detach()
+        value = value.detach() if isinstance(value, torch.Tensor) else value
         self.window.append(value)
         self.total = self.total + value * n  # stays a device tensor when value is one
         self.count += n
 
     @property
     def median(self) -> float:
-        values = sorted(_to_float(v) for v in self.window)
+        values = sorted(float(v) for v in self.window)
         return values[len(values) // 2] if values else float("nan")
 
     @property
     def global_avg(self) -> float:
-        return _to_float(self.total) / max(self.count, 1)
+        return float(self.total) / max(self.count, 1)
 
     def synchronize_between_processes(self):
-        """Sum totals and counts over ranks, so ``global_avg`` is the mean over all processes."""
-        if not distributed.is_dist():
+        if not distributed.is_dist():  # else global_avg is already the mean over all processes
             return
-        t = torch.tensor([_to_float(self.total), self.count], dtype=torch.float64,
-                         device=distributed.collective_device())
+        t = torch.tensor([float(self.total), self.count], dtype=torch.double, device=distributed.collective_device())
         distributed.all_reduce_sum_(t)
         self.total, self.count = t[0].item(), int(t[1].item())
 
@@ -61,21 +47,16 @@ class Meter:
 
 class MetricLogger:
     def __init__(self, delimiter="  "):
-        self.meters: dict[str, Meter] = {}
-        self.delimiter = delimiter
+        self.meters, self.delimiter = {}, delimiter
 
     def update(self, n=1, **values):
         for name, value in values.items():
-            if value is None:
-                continue
-            if name not in self.meters:
-                self.meters[name] = Meter(fmt="{median:.6f}") if name == "lr" else Meter()
-            self.meters[name].update(value, n)
+            if value is not None:
+                self.meters.setdefault(name, Meter(fmt="{median:.6f}") if name == "lr" else Meter()).update(value, n)
 
     def __getattr__(self, name):
-        meters = self.__dict__.get("meters", {})
-        if name in meters:
-            return meters[name]
+        if name in self.__dict__.get("meters", {}):
+            return self.meters[name]
         raise AttributeError(name)
 
     def __str__(self):
@@ -89,56 +70,43 @@ class MetricLogger:
         return {name: meter.global_avg for name, meter in self.meters.items()}
 
     def log_every(self, iterable, print_freq, header="", start=0, total=None):
-        """Yield ``(step, item)`` from ``iterable`` and print progress with an ETA every ``print_freq`` steps.
-
-        The time per iteration is kept in ``self.iter_time`` (seconds) for callers that log throughput.
-        """
+        """Yield ``(step, item)``, printing progress every ``print_freq`` steps; ``self.iter_time``: s / step."""
         total = len(iterable) + start if total is None else total
-        width = len(str(total))
         start_time = end = time.time()
-        iter_time, data_time = Meter(fmt="{global_avg:.4f}"), Meter(fmt="{global_avg:.4f}")
-        self.iter_time = iter_time
+        self.iter_time, data_time = Meter(fmt="{global_avg:.4f}"), Meter(fmt="{global_avg:.4f}")
         for step, item in enumerate(iterable, start):
             data_time.update(time.time() - end)
             yield step, item
-            iter_time.update(time.time() - end)
+            self.iter_time.update(time.time() - end)
             if step % print_freq == 0 or step == total - 1:
-                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - 1 - step)))
-                memory = ""
-                if torch.cuda.is_available() and torch.cuda.is_initialized():
-                    memory = f"  max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
-                print(f"{header} [{step:>{width}}/{total}]  eta: {eta}  {self}  "
-                      f"time: {iter_time}  data: {data_time}{memory}", flush=True)
+                eta = datetime.timedelta(seconds=int(self.iter_time.global_avg * (total - 1 - step)))
+                memory = (f"  max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
+                          if torch.cuda.is_initialized() else "")
+                print(f"{header} [{step:>{len(str(total))}}/{total}]  eta: {eta}  {self}  "
+                      f"time: {self.iter_time}  data: {data_time}{memory}", flush=True)
             end = time.time()
         elapsed = datetime.timedelta(seconds=int(time.time() - start_time))
         print(f"{header} Total time: {elapsed} ({(time.time() - start_time) / max(total - start, 1):.4f} s / it)")
 
 
 def write_log_line(output_dir, stats: dict, log_writer=None) -> None:
-    """Append the epoch's ``stats`` as one JSON line to ``output_dir/log.txt`` (rank 0 only); the test metrics also
-    go to TensorBoard (``perf/test_*``), whose writer is flushed."""
+    """Append ``stats`` as one JSON line to ``output_dir/log.txt`` (rank 0); test metrics also go to TensorBoard."""
     if log_writer is not None:
-        for key in ("test_acc1", "test_acc5", "test_loss"):
-            if key in stats:
-                log_writer.add_scalar(f"perf/{key}", stats[key], stats["epoch"])
+        for key in (k for k in ("test_acc1", "test_acc5", "test_loss") if k in stats):
+            log_writer.add_scalar(f"perf/{key}", stats[key], stats["epoch"])
         log_writer.flush()
-    if not output_dir or not distributed.is_main_process():
-        return
-    with open(os.path.join(output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
-        f.write(json.dumps(stats) + "\n")
+    if output_dir and distributed.is_main_process():
+        with open(os.path.join(output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
+            f.write(json.dumps(stats) + "\n")
 
 
 def final_test_accuracy(log_path) -> float:
-    """``test_acc1`` of the last epoch in a program's ``log.txt``: the last epoch, not the best (choosing the
-    epoch on the test set would flatter the result)."""
-    accuracy = None
+    """``test_acc1`` of the last epoch in ``log.txt``, not the best one (choosing on the test set would flatter)."""
     with open(log_path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                accuracy = json.loads(line).get("test_acc1", accuracy)
-    if accuracy is None:
+        logged = [a for a in (json.loads(line).get("test_acc1") for line in f if line.strip()) if a is not None]
+    if not logged:
         raise UserError(f"{log_path}: no test accuracy logged")
-    return float(accuracy)
+    return float(logged[-1])
 
 
 def tensorboard_writer(log_dir):
@@ -146,6 +114,5 @@ def tensorboard_writer(log_dir):
     if not log_dir or not distributed.is_main_process():
         return None
     from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
-
     os.makedirs(log_dir, exist_ok=True)
     return SummaryWriter(log_dir=log_dir)
