@@ -4,9 +4,7 @@
         --model vit_base_patch16 --cls_token --finetune mae_pretrain_vit_base.pth --data_path /path/to/imagenet \
         --batch_size 512 --blr 0.1 --weight_decay 0.0 --epochs 90 --dist_eval
 
-The job requeues itself on preemption and at its time limit, and resumes from JOB_DIR/checkpoint-last.pth.
-``--dry_run`` prints the sbatch parameters instead of submitting; ``--ngpus 0 --tasks_per_node N`` runs on CPUs.
-"""
+The job requeues itself on preemption and at its time limit; ``--dry_run`` prints the sbatch parameters."""
 from util.launcher import launch
 
 if __name__ == "__main__":

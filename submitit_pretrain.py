@@ -4,9 +4,7 @@
         --model mae_vit_large_patch16 --norm_pix_loss --mask_ratio 0.75 --data_path /path/to/imagenet \
         --batch_size 64 --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05
 
-The job requeues itself on preemption and at its time limit, and resumes from JOB_DIR/checkpoint-last.pth.
-``--dry_run`` prints the sbatch parameters instead of submitting; ``--ngpus 0 --tasks_per_node N`` runs on CPUs.
-"""
+The job requeues itself on preemption and at its time limit; ``--dry_run`` prints the sbatch parameters."""
 from util.launcher import launch
 
 if __name__ == "__main__":

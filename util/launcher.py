@@ -1,16 +1,11 @@
-"""Running a program on SLURM through submitit: the one launcher behind submitit_{pretrain,finetune,linprobe}.py.
+"""The SLURM launcher (submitit) behind submitit_{pretrain,finetune,linprobe}.py: the program's flags plus SLURM's.
 
-The command line is the program's (every flag of ``main_*.py``) plus the SLURM flags added here. Every task of
-the job runs the program's ``main(args)`` with ``output_dir = log_dir = JOB_DIR`` and ``auto_resume`` on.
-SLURM sends USR2 shortly before the time limit and on preemption; submitit's handler on rank 0 then requeues
-the job (``Trainer.checkpoint``). Nothing is saved at that moment: ``JOB_DIR/checkpoint-last.pth`` is written
-atomically every epoch (and every ``--save_every_iters`` iterations), and every start of the job -- first run,
-requeue after the signal, or a plain ``scontrol requeue`` -- resumes from it.
-"""
+Every task runs the program's ``main(args)`` with ``output_dir = log_dir = JOB_DIR`` and ``auto_resume`` on. On USR2
+(preemption, or near the time limit) submitit's handler on rank 0 requeues the job, saving nothing: every start
+resumes from ``JOB_DIR/checkpoint-last.pth``, written atomically every epoch (and every ``--save_every_iters``)."""
 from __future__ import annotations
 
 import copy
-import functools
 import importlib
 import os
 import shlex
@@ -39,16 +34,13 @@ IN_A_JOB = ("In a job, checkpoints, log.txt, TensorBoard and SLURM logs all go t
 def build_parser(program: str):
     """The program's own parser (``main_*.get_args_parser()``) with the SLURM flags added."""
     parser = importlib.import_module(program).get_args_parser()
-    parser.description = (f"{parser.prog} on SLURM (submitit): the flags of {program}.py, then the SLURM ones; "
-                          "the end says how the output, device and resume flags behave in a job")
+    parser.description = f"{parser.prog} on SLURM: the flags of {program}.py, then SLURM's (the end: how a job differs)"
     parser.prog = f"submitit_{program.removeprefix('main_')}.py"
     parser.epilog = " ".join(filter(None, [IN_A_JOB, parser.epilog]))
     g = parser.add_argument_group("SLURM (submitit)")
     g.add_argument("--nodes", default=1, type=int, help="nodes to request")
-    g.add_argument("--ngpus", default=8, type=int,
-                   help="GPUs per node, one process each; 0 runs on CPU (--device cpu)")
-    g.add_argument("--tasks_per_node", default=None, type=int,
-                   help="processes per node (default: --ngpus, or 1 with --ngpus 0)")
+    g.add_argument("--ngpus", default=8, type=int, help="GPUs per node, one process each; 0 runs on CPU")
+    g.add_argument("--tasks_per_node", default=None, type=int, help="processes per node (default: --ngpus, or 1)")
     g.add_argument("--cpus_per_task", default=None, type=int,
                    help="CPUs per process (default: --num_workers + 1, the loader's workers and the training process)")
     g.add_argument("--mem_gb", default=None, type=float,
@@ -60,9 +52,8 @@ def build_parser(program: str):
                        ("--exclude", "nodes not to run on"), ("--comment", "comment attached to the job")):
         g.add_argument(flag, default=None, help=text)
     g.add_argument("--use_volta32", action="store_true", help="same as --constraint volta32gb (the original's flag)")
-    g.add_argument("--job_dir", default="jobs/%j",
-                   help="checkpoints, log.txt, TensorBoard and SLURM logs (%%j: the job id; relative to the current "
-                        "directory). Submitting again with an existing job dir continues the run saved there")
+    g.add_argument("--job_dir", default="jobs/%j", help="checkpoints, log.txt, TensorBoard and SLURM logs (%%j: the "
+                   "job id); submitting again with an existing job dir continues the run saved there")
     g.add_argument("--dry_run", action="store_true", help="print the job's sbatch parameters instead of submitting it")
     parser.set_defaults(device=None, output_dir=None, log_dir=None)  # device: from --ngpus, not from this host
     return parser
@@ -147,23 +138,20 @@ class Trainer:
     """The pickled job: ``program.main(args)`` in one SLURM task, requeueable by submitit."""
 
     def __init__(self, program: str, args):
-        self.program = program
-        self.args = args
+        self.program, self.args = program, args
 
     def __call__(self):
         job_env = submitit.JobEnvironment()
-        # main() edits its args (lr, start_epoch, rank, ...); every run starts from the submitted ones
-        args = copy.deepcopy(self.args)
+        args = copy.deepcopy(self.args)  # main() edits its args; every run starts from the submitted ones
         args.output_dir = args.log_dir = str(job_env.paths.folder)  # %j resolved
-        args.auto_resume = True
         last = Path(args.output_dir) / "checkpoint-last.pth"
         if args.resume and last.is_file() and not getattr(args, "eval", False):
             args.resume = ""  # --resume only seeds the first run; later ones continue from their own checkpoint
-        _ignore_preempt_signal_in_forked_children()
+        # SLURM signals every process of the step: a forked DataLoader worker must not requeue the job too
+        os.register_at_fork(after_in_child=lambda: signal.signal(PREEMPT_SIGNAL, signal.SIG_IGN))
         stop_signals = _note_stop_signals()
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-        if cpus and "OMP_NUM_THREADS" not in os.environ:
-            # without cgroups every task sees all cores: one thread per core in each task would oversubscribe them
+        if cpus and "OMP_NUM_THREADS" not in os.environ:  # without cgroups, each task would use every core
             torch.set_num_threads(max(1, int(cpus)))
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         print(f"job {job_env.job_id}, task {job_env.global_rank} of {job_env.num_tasks} on {job_env.hostname}, "
@@ -173,8 +161,7 @@ class Trainer:
             importlib.import_module(self.program).main(args)
         except Exception as e:
             if stop_signals and job_env.global_rank != 0:
-                # rank 0 exits after requeueing (or SLURM kills the tasks): this task's collective then fails.
-                # A consequence, not an error: no error record or traceback
+                # rank 0 exited to requeue (or SLURM killed the tasks): a consequence, not an error to trace
                 _say(f"task {job_env.global_rank}: stopped by SLURM ({stop_signals[0]} received; "
                      f"{one_line(e)[:300]}); a requeued job resumes from {last}")
                 os._exit(1)
@@ -194,8 +181,7 @@ def _say(line: str) -> None:
 
 
 def _note_stop_signals() -> list:
-    """Record the signals by which SLURM stops a job (USR2: preemption or time limit; TERM: requeue, cancel)
-    ahead of submitit's handlers, which still run. Returns the list that fills up."""
+    """The list of signals by which SLURM stops the job (USR2: preemption, time limit; TERM: requeue, cancel)."""
     received = []
     for signum in (PREEMPT_SIGNAL, signal.SIGTERM):
         handler = signal.getsignal(signum)
@@ -207,14 +193,6 @@ def _note_stop_signals() -> list:
     return received
 
 
-@functools.cache
-def _ignore_preempt_signal_in_forked_children() -> None:
-    # SLURM signals every process of the step, DataLoader workers included; a forked worker would inherit
-    # submitit's handler and checkpoint and requeue too. Only the training process must handle it
-    os.register_at_fork(after_in_child=lambda: signal.signal(PREEMPT_SIGNAL, signal.SIG_IGN))
-
-
 def launch(program: str, argv=None) -> None:
     """Entry point of submitit_<program>.py: parse, submit, report; user errors as one line."""
-    args = build_parser(program).parse_args(argv)
-    run(lambda a: submit(program, a), args)
+    run(lambda args: submit(program, args), build_parser(program).parse_args(argv))
