@@ -1,17 +1,8 @@
-"""Vision Transformer classifiers for fine-tuning and linear probing of MAE encoders.
-
-These are timm's ``VisionTransformer``, configured (not subclassed) so that the state-dict layout is the
-original MAE one:
-
-* ``global_pool=True`` (the original default): the mean of the patch tokens, then ``fc_norm``; the final
-  ``norm`` is absent (timm makes it an Identity), exactly as in the released fine-tuned checkpoints.
-* ``global_pool=False``: the class token after the final ``norm``.
-
-Importing this module registers the ``vit_*`` constructors below in timm's registry. Names have no
-image-size suffix (``vit_base_patch16``, not timm's own ``vit_base_patch16_224``), as in the original.
-"""
-from __future__ import annotations
-
+"""Vision Transformer classifiers for fine-tuning and linear probing of MAE encoders: timm's ``VisionTransformer``,
+configured (not subclassed) so that the state dict has the original MAE layout. ``global_pool=True`` (the original
+default) classifies the mean of the patch tokens after ``fc_norm``, with no final ``norm`` (timm's Identity), as in
+the released fine-tuned checkpoints; ``global_pool=False`` classifies the class token after the final ``norm``.
+Importing this module registers the ``vit_*`` models below with timm (no image-size suffix, as in the original)."""
 from functools import partial
 
 import torch.nn as nn
@@ -24,20 +15,12 @@ def vision_transformer(global_pool=True, **kwargs):
     """A timm ``VisionTransformer`` with MAE's defaults (qkv bias, LayerNorm eps 1e-6, mlp ratio 4)."""
     if isinstance(global_pool, str):  # timm spelling: "avg" / "token"
         global_pool = global_pool == "avg"
-    img_size = kwargs.get("img_size", 224)
-    patch = kwargs.get("patch_size", 16)
-    sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if any(s % patch for s in sizes):
+    img_size, patch = kwargs.get("img_size", 224), kwargs.get("patch_size", 16)
+    if any(s % patch for s in ((img_size, img_size) if isinstance(img_size, int) else img_size)):
         raise ValueError(f"image size {img_size} is not divisible by the patch size {patch}")
-    config = dict(
-        mlp_ratio=4,
-        qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        global_pool="avg" if global_pool else "token",
-        fc_norm=global_pool,  # global pool: fc_norm after pooling, no final norm
-    )
-    config.update(kwargs)
-    model = VisionTransformer(**config)
+    config = dict(mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                  global_pool="avg" if global_pool else "token", fc_norm=global_pool)  # fc_norm: no final norm
+    model = VisionTransformer(**{**config, **kwargs})
     # the original's class token init (timm 1.x draws normal(1e-6)); matters for from-scratch baselines
     trunc_normal_(model.cls_token, std=0.02)
     return model
@@ -45,10 +28,8 @@ def vision_transformer(global_pool=True, **kwargs):
 
 def _create(pretrained=False, defaults=None, **kwargs):
     if pretrained:
-        raise ValueError(
-            "these models have no hub weights here; build the model, then load a file with "
-            "util.checkpoint.load_pretrained(model, path)"
-        )
+        raise ValueError("these models have no hub weights here; build the model, then load a file with "
+                         "util.checkpoint.load_pretrained(model, path)")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)  # timm.create_model passes these to every entrypoint
     return vision_transformer(**{**defaults, **kwargs})

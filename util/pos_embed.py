@@ -1,11 +1,7 @@
-"""Fixed 2-D sine-cosine position tables, element for element as in the original MAE code.
-
-The released checkpoints store these tables, and models trained with them expect this exact layout:
-the first half of the channels encodes the column (x / width) coordinate, the second half the row
-(y / height) coordinate; each half is ``[sin(pos * omega), cos(pos * omega)]`` with
-``omega_k = 1 / 10000 ** (k / (D / 4))``. Computed in float64 with NumPy, then cast to float32, so the
-values match the original bit for bit.
-"""
+"""Fixed 2-D sine-cosine position tables, element for element as in the original MAE code (the released checkpoints
+store them, and models trained with them expect this layout): the first half of the channels encodes the column (x)
+coordinate, the second half the row (y), each ``[sin(pos * omega), cos(pos * omega)]`` with
+``omega_k = 1 / 10000 ** (k / (D / 4))``. Computed in float64 with NumPy, then cast to float32, as the original."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,26 +12,20 @@ def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
     """(M,) positions -> (M, embed_dim) table ``[sin(pos*omega) | cos(pos*omega)]``."""
     if embed_dim % 2:
         raise ValueError(f"sin-cos embedding needs an even dimension, got {embed_dim}")
-    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000**omega
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
     angles = np.outer(positions.reshape(-1).astype(np.float64), omega)
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
 def sincos_2d(embed_dim: int, grid_size, cls_token: bool = False) -> np.ndarray:
-    """(gh*gw [+1], embed_dim) table for a grid of ``grid_size`` (int or (gh, gw)), rows in raster order.
-
-    With ``cls_token`` a leading row of zeros is added for the class token.
-    """
+    """(gh*gw [+1], embed_dim) table for an int or (gh, gw) grid in raster order; a leading zero row for the class
+    token with ``cls_token``."""
     if embed_dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {embed_dim}")
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
-    # meshgrid(x, y): cols[i, j] = j (width coordinate), rows[i, j] = i (height coordinate)
-    cols, rows = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))
+    cols, rows = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))  # cols[i, j] = j
     table = np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
-    if cls_token:
-        table = np.concatenate([np.zeros((1, embed_dim)), table], axis=0)
-    return table
+    return np.concatenate([np.zeros((1, embed_dim)), table], axis=0) if cls_token else table
 
 
 def sincos_2d_tensor(embed_dim: int, grid_size, cls_token: bool = True) -> torch.Tensor:
