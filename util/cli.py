@@ -1,8 +1,5 @@
-"""Command-line plumbing shared by the three programs: common flags, one-line errors, program entry.
-
-Flag names and defaults follow the original research code so its command lines work unchanged; each program
-sets its own defaults (``parser.set_defaults``) where the original's differed.
-"""
+"""Flags shared by the programs, one-line errors, program entry. Flag names and defaults follow the original code,
+so its command lines work unchanged; each program sets its own defaults where the original's differed."""
 from __future__ import annotations
 
 import argparse
@@ -33,16 +30,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch_size", default=64, type=int,
                    help="batch size per process; effective batch = batch_size x accum_iter x world size")
     g.add_argument("--epochs", default=400, type=int)
-    g.add_argument("--accum_iter", default=1, type=int,
-                   help="accumulate gradients over this many iterations before an optimizer step")
+    g.add_argument("--accum_iter", default=1, type=int, metavar="N", help="accumulate N iterations' gradients per step")
     g.add_argument("--model", type=str, help="name of the model to train")
     g.add_argument("--input_size", default=224, type=int, help="image size (divisible by the patch size)")
 
     g = parser.add_argument_group("optimizer")
     g.add_argument("--weight_decay", type=float, default=0.05)
     g.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute learning rate (overrides --blr)")
-    g.add_argument("--blr", type=float, default=1e-3, metavar="LR",
-                   help="base learning rate: lr = blr x effective batch / 256")
+    g.add_argument("--blr", type=float, default=1e-3, metavar="LR", help="base lr: lr = blr x effective batch / 256")
     g.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower bound of the cosine schedule")
     g.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs of linear warmup")
     g.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: none)")
@@ -58,9 +53,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_train_images", default=0, type=int, metavar="N",
                    help="train on the first N images of the training split only (0: all); for quick runs")
     g.add_argument("--num_workers", default=10, type=int)
-    g.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
+    g.add_argument("--pin_mem", action="store_true", default=True, help="pin CPU memory in the DataLoader (default)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    parser.set_defaults(pin_mem=True)
 
     g = parser.add_argument_group("output and checkpoints")
     g.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go ('' for none)")
@@ -71,9 +65,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
     g.add_argument("--save_freq", default=20, type=int, metavar="N",
                    help="keep checkpoint-EPOCH.pth every N epochs (checkpoint-last.pth is written every epoch)")
-    g.add_argument("--save_every_iters", default=0, type=int, metavar="N",
-                   help="also write checkpoint-last.pth every N iterations inside an epoch, so a preempted job "
-                        "loses at most N iterations (0: only at epoch ends)")
+    g.add_argument("--save_every_iters", default=0, type=int, metavar="N", help="also write checkpoint-last.pth "
+                   "every N iterations, so a preempted job loses at most N (0: only at epoch ends)")
     g.add_argument("--print_freq", default=20, type=int, metavar="N", help="progress line every N iterations")
 
     g = parser.add_argument_group("device, precision, distributed")
@@ -82,9 +75,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", default=None, choices=AMP_CHOICES,
                    help="mixed precision (default: bf16 on GPUs that support it, none on CPU)")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
-    g.add_argument("--grad_ckpt", action="store_true",
-                   help="activation checkpointing of the transformer blocks: recompute their activations in the "
-                        "backward pass instead of storing them (less memory for large models, ~1/3 more compute)")
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing: recompute the blocks' "
+                   "activations in the backward pass instead of storing them (less memory, ~1/3 more compute)")
     g.add_argument("--world_size", default=1, type=int, help="set from the environment (torchrun, SLURM)")
     g.add_argument("--local_rank", default=-1, type=int, help="ignored; torchrun's LOCAL_RANK is read instead")
     g.add_argument("--dist_on_itp", action="store_true", help="ignored; kept for the original command lines")
@@ -100,7 +92,6 @@ def run(main, args) -> None:
         sys.exit(1)
 
 
-
 def add_classifier_args(parser: argparse.ArgumentParser, global_pool_default: bool) -> None:
     """Flags shared by fine-tuning and linear probing."""
     g = parser.add_argument_group("classifier")
@@ -109,8 +100,7 @@ def add_classifier_args(parser: argparse.ArgumentParser, global_pool_default: bo
                    help="classify the mean of the patch tokens (after fc_norm)")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify the class token")
     parser.set_defaults(global_pool=global_pool_default)
-    g.add_argument("--nb_classes", default=None, type=int,
-                   help="number of classes (default: the data set's)")
+    g.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: the data set's)")
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--dist_eval", action="store_true",
                    help="shard evaluation over the processes (faster; pads the set to a multiple of them)")

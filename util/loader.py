@@ -10,8 +10,8 @@ from util.errors import UserError
 
 
 class ResumableSampler(DistributedSampler):
-    """A DistributedSampler that can start part-way into an epoch (resuming a mid-epoch checkpoint): the
-    epoch's order is the same as ever (seed + epoch); the first ``start_index`` samples are skipped."""
+    """A DistributedSampler that can resume a mid-epoch checkpoint: the epoch's order as ever (seed + epoch), less
+    its first ``start_index`` samples."""
 
     start_index = 0
 
@@ -27,11 +27,9 @@ class ResumableSampler(DistributedSampler):
 
 
 def limit_train_images(dataset, args):
-    """``--max_train_images N``: quick runs on a fixed subset, the first N images of the training split."""
+    """``--max_train_images N``: the first N images of the training split, for quick runs."""
     limit = getattr(args, "max_train_images", 0)
-    if limit and limit < len(dataset):
-        return torch.utils.data.Subset(dataset, range(limit))
-    return dataset
+    return torch.utils.data.Subset(dataset, range(limit)) if limit and limit < len(dataset) else dataset
 
 
 def build_loader(dataset, args, train: bool, shard_eval: bool = False) -> DataLoader:
@@ -47,19 +45,10 @@ def build_loader(dataset, args, train: bool, shard_eval: bool = False) -> DataLo
     else:
         sampler = torch.utils.data.SequentialSampler(dataset)
     if train and len(dataset) < args.batch_size * world:
-        raise UserError(
-            f"the training set has {len(dataset)} images, fewer than one batch "
-            f"({args.batch_size} x {world} processes); lower --batch_size"
-        )
-    return DataLoader(
-        dataset,
-        sampler=sampler,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        pin_memory=args.pin_mem and torch.cuda.is_available(),
-        drop_last=train,
-        persistent_workers=False,
-    )
+        raise UserError(f"the training set has {len(dataset)} images, fewer than one batch "
+                        f"({args.batch_size} x {world} processes); lower --batch_size")
+    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                      pin_memory=args.pin_mem and torch.cuda.is_available(), drop_last=train)
 
 
 def build_classification_loaders(args, train_kind: str) -> tuple[DataLoader, DataLoader, int]:

@@ -1,6 +1,4 @@
 """Setting up a run: processes, device, precision and seeds; the model by name, its wrappers and its optimizer."""
-from __future__ import annotations
-
 import json
 import os
 import random
@@ -18,14 +16,12 @@ from util.errors import UserError
 
 
 def setup_run(args) -> torch.device:
-    """Start distributed mode (``args.rank``, ``args.world_size``, ``args.distributed``), pick the device, resolve
-    ``args.amp``, seed every RNG (differently per rank) and create the output directory."""
+    """Start distributed mode, pick the device, resolve ``args.amp``, seed every RNG (per rank), make the output dir."""
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     distributed.init_distributed_mode(args)
     device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", args.gpu)
+    device = torch.device("cuda", args.gpu) if device.type == "cuda" and device.index is None else device
     args.amp = resolve_amp(args.amp, device)
     seed = args.seed + distributed.get_rank()
     torch.manual_seed(seed)
@@ -33,10 +29,8 @@ def setup_run(args) -> torch.device:
     random.seed(seed)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
-    if device.type == "cuda":
-        # TF32 matmuls for the fp32 parts; cudnn autotuning for fixed input sizes
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # TF32 matmuls for the fp32 parts; cudnn autotuning for fixed input sizes
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     print(json.dumps(jsonable_args(args), indent=1))
     return device
@@ -55,13 +49,10 @@ def build_model(name: str, **kwargs) -> torch.nn.Module:
 
 
 def wrap_model(model: torch.nn.Module, args, device: torch.device):
-    """Activation checkpointing with ``--grad_ckpt``, DDP when there are several processes (no
-    ``find_unused_parameters``), then ``torch.compile`` with ``--compile``. Returns the module to call in training;
-    save ``model`` itself."""
+    """``--grad_ckpt``, DDP with several processes, then ``--compile``: the module to train (save ``model`` itself)."""
     if args.grad_ckpt and hasattr(model, "set_grad_checkpointing"):  # a bare head has no blocks
         model.set_grad_checkpointing(True)
-    model.to(device)
-    wrapped = model
+    wrapped = model.to(device)
     if args.distributed:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
@@ -70,8 +61,7 @@ def wrap_model(model: torch.nn.Module, args, device: torch.device):
 
 
 def adamw(param_groups, lr: float, device: torch.device, betas=(0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel (CUDA, and CPU since torch 2.4): one pass over parameters, gradients and both
-    moments. torch's own default on CPU is a per-parameter loop, ~3x slower (benchmarks/bench_ablations.py)."""
+    """AdamW with torch's fused kernel (CUDA, and CPU since torch 2.4): torch's default on CPU is ~3x slower."""
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
 
 
