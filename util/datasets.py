@@ -1,26 +1,14 @@
 """Datasets and image transforms for pre-training, fine-tuning and linear probing.
 
-``--dataset`` (``DATASETS``): ``imagefolder`` (``<data_path>/{train,val}/<class>/<image>``); ``cifar10`` /
-``cifar100`` (torchvision's files in ``<data_path>``, ``--download`` fetches them); ``filelist`` (``--train_list``
-/ ``--val_list``, default ``<data_path>/{train,val}.txt``); ``fashion_mnist`` (idx files, optionally .gz, in
-``<data_path>``, ``<data_path>/FashionMNIST/raw`` or ``DEBIAN_FASHION_MNIST_DIR``; one channel).
-
-Above 64 px the transforms are the original MAE code's: torchvision's RandomResizedCrop (scale 0.2-1) and a flip
-for pre-training; the original's own single-draw RandomResizedCrop (scale 0.08-1) and a flip for linear probing;
-timm's RandAugment / RandomErasing recipe for fine-tuning; for evaluation a bicubic resize to input_size / crop_pct
-and a center crop, crop_pct 224/256 up to 224 px and 1 above. Up to 64 px (CIFAR, Fashion-MNIST) images are only
-resized when not ``input_size`` already; training crops at random with reflect padding and flips (fine-tuning adds
-RandAugment / RandomErasing when asked); evaluation has no center-crop margin. A data problem the user must fix
-raises ``UserError``, one line naming the file at fault.
-"""
-
-from __future__ import annotations
-
+``--dataset``: ``imagefolder`` (``DATA_PATH/{train,val}/CLASS/IMAGE``); ``cifar10`` / ``cifar100`` (torchvision's
+files); ``filelist`` (``--train_list`` / ``--val_list``, default ``DATA_PATH/{train,val}.txt``); ``fashion_mnist`` (idx
+files, optionally .gz, in DATA_PATH, DATA_PATH/FashionMNIST/raw or ``DEBIAN_FASHION_MNIST_DIR``; one channel). A data
+problem the user must fix raises ``UserError``, one line naming the file at fault."""
 import gzip
 import math
 import os
 import warnings
-from typing import NamedTuple
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -34,27 +22,18 @@ from util.errors import UserError
 
 DATASETS = ("imagefolder", "cifar10", "cifar100", "filelist", "fashion_mnist")
 TRANSFORM_KINDS = ("pretrain", "finetune", "linprobe", "eval")
-SPLITS = ("train", "val")
 SMALL_IMAGE_MAX_SIZE = 64
 EVAL_CROP_PCT = 224 / 256  # the original's evaluation margin up to 224 px; none above
 BICUBIC = transforms.InterpolationMode.BICUBIC
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                        "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # a module attribute: tests point it elsewhere
-
-
-class DataInfo(NamedTuple):
-    mean: tuple
-    std: tuple
-    in_chans: int
-    num_classes: int | None  # None: count it from the data (imagefolder, filelist)
+DataInfo = namedtuple("DataInfo", "mean std in_chans num_classes")  # num_classes None: count the data's classes
 
 
 def dataset_info(args) -> DataInfo:
@@ -73,13 +52,24 @@ def _dataset_name(args) -> str:
 
 
 def build_transform(kind: str, args):
+    """Above 64 px, the original's: torchvision's RandomResizedCrop (scale 0.2-1) and a flip for pre-training, its own
+    single-draw crop (0.08-1) and a flip for linear probing, timm's RandAugment / RandomErasing for fine-tuning, and a
+    bicubic resize to input_size / crop_pct (224/256 up to 224 px, 1 above) and a center crop for evaluation. Up to
+    64 px (CIFAR, Fashion-MNIST): random crops with reflect padding and flips (fine-tuning adds RandAugment /
+    RandomErasing when asked); evaluation has no center-crop margin."""
     if kind not in TRANSFORM_KINDS:
         raise ValueError(f"unknown transform kind '{kind}': expected one of {TRANSFORM_KINDS}")
-    info = dataset_info(args)
-    size = int(args.input_size)
+    info, size = dataset_info(args), int(args.input_size)
     to_tensor = [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
-    if size <= SMALL_IMAGE_MAX_SIZE:
-        return _small_image_transform(kind, size, info, args, to_tensor)
+    if size <= SMALL_IMAGE_MAX_SIZE:  # Resize leaves an image of the right size alone; the center crop squares others
+        steps = [transforms.Resize(size, interpolation=BICUBIC), transforms.CenterCrop(size)]
+        if kind != "eval":
+            steps += [transforms.RandomCrop(size, padding=size // 8, padding_mode="reflect"),
+                      transforms.RandomHorizontalFlip()]
+        if kind != "finetune":
+            return transforms.Compose(steps + to_tensor)
+        _, augment, finish = _timm_finetune_transform(size, info, args, separate=True)  # all but timm's crop and flip
+        return _allow_zero_bit_posterize(transforms.Compose(steps + augment.transforms + finish.transforms))
     if kind == "pretrain":
         return CropFlipNormalize(size, (0.2, 1.0), info.mean, info.std)
     if kind == "linprobe":
@@ -89,18 +79,6 @@ def build_transform(kind: str, args):
     crop_pct = EVAL_CROP_PCT if size <= 224 else 1.0
     return transforms.Compose([transforms.Resize(int(size / crop_pct), interpolation=BICUBIC),
                                transforms.CenterCrop(size)] + to_tensor)
-
-
-def _small_image_transform(kind, size, info, args, to_tensor):
-    # Resize leaves an image of the right size alone; the center crop squares the others.
-    steps = [transforms.Resize(size, interpolation=BICUBIC), transforms.CenterCrop(size)]
-    if kind == "eval":
-        return transforms.Compose(steps + to_tensor)
-    steps += [transforms.RandomCrop(size, padding=size // 8, padding_mode="reflect"), transforms.RandomHorizontalFlip()]
-    if kind != "finetune":
-        return transforms.Compose(steps + to_tensor)
-    _, augment, finish = _timm_finetune_transform(size, info, args, separate=True)  # all but timm's crop and flip
-    return _allow_zero_bit_posterize(transforms.Compose(steps + augment.transforms + finish.transforms))
 
 
 def _timm_finetune_transform(size, info, args, separate=False):
@@ -123,9 +101,8 @@ def posterize_allowing_zero_bits(img, bits_to_keep, **_):
 
 def _allow_zero_bit_posterize(transform):
     """Swap timm's posterize for ``posterize_allowing_zero_bits`` in every augmentation op of ``transform``."""
-    for step in getattr(transform, "transforms", []):
-        ops = list(getattr(step, "ops", []))  # RandAugment, AugMix; AutoAugment has sub-policies
-        for op in ops + [op for sub_policy in getattr(step, "policy", []) for op in sub_policy]:
+    for step in getattr(transform, "transforms", []):  # ops: RandAugment, AugMix; policy: AutoAugment's sub-policies
+        for op in list(getattr(step, "ops", [])) + [op for sub in getattr(step, "policy", []) for op in sub]:
             if getattr(op, "aug_fn", None) is auto_augment.posterize:
                 op.aug_fn = posterize_allowing_zero_bits
     return transform
@@ -145,15 +122,13 @@ def load_rgb_image(path: str) -> Image.Image:
 
 
 def read_rgb_tensor(path: str):
-    """An image file as a uint8 (3, H, W) tensor decoded by ``torchvision.io`` (for JPEG a view of the decoder's
-    (H, W, 3) output, one copy fewer than PIL). What it cannot decode (other formats, 16-bit or animated images,
-    broken files) goes through :func:`load_rgb_image`: PIL's image, or a UserError naming the file."""
+    """An image file as a uint8 (3, H, W) tensor decoded by ``torchvision.io`` (one copy fewer than PIL); what it
+    cannot decode (other formats, 16-bit or animated images, broken files) goes through ``load_rgb_image``."""
     try:
         img = tv_io.decode_image(path, mode=tv_io.ImageReadMode.RGB)
     except (RuntimeError, ValueError):
-        img = None
-    fits = img is not None and img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3
-    return img if fits else load_rgb_image(path)
+        return load_rgb_image(path)
+    return img if img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3 else load_rgb_image(path)
 
 
 class SingleDrawRandomResizedCrop(transforms.RandomResizedCrop):
@@ -173,13 +148,9 @@ class SingleDrawRandomResizedCrop(transforms.RandomResizedCrop):
 
 
 class CropFlipNormalize(transforms.Compose):
-    """``crop`` (a RandomResizedCrop class, bicubic) -> RandomHorizontalFlip -> ToTensor -> Normalize in fewer passes.
-
-    ``self.transforms`` lists those plain steps and defines the result: the same draws in the same order, so a seeded
-    call cuts the same box as ``Compose(self.transforms)``; the box of uint8 pixels is resized by torch's antialiased
-    bicubic kernel (within a few grey levels of PIL's) and normalised in one multiply-add. Input: a uint8 (C, H, W)
-    tensor (``image_loader``) or a PIL 'RGB' / 'L' image; anything else takes the plain steps.
-    """
+    """``Compose(self.transforms)``: ``crop`` (bicubic), flip, ToTensor, Normalize, in fewer passes over a uint8
+    (C, H, W) tensor (``image_loader``) or a PIL 'RGB' / 'L' image: the same draws cut the same box, resized by torch's
+    antialiased bicubic kernel (within a few grey levels of PIL's), normalised in one multiply-add. Else plain steps."""
 
     def __init__(self, size: int, scale, mean, std, ratio=(3.0 / 4.0, 4.0 / 3.0), crop=transforms.RandomResizedCrop):
         super().__init__([crop(size, scale=scale, ratio=ratio, interpolation=BICUBIC),
@@ -198,8 +169,7 @@ class CropFlipNormalize(transforms.Compose):
         top, left, height, width = crop.get_params(pixels, crop.scale, crop.ratio)
         box = pixels[:, top:top + height, left:left + width].unsqueeze(0)
         out = torch.nn.functional.interpolate(box, size=crop.size, mode="bicubic", antialias=True)[0]
-        if torch.rand(1) < flip.p:
-            out = out.flip(-1)
+        out = out.flip(-1) if torch.rand(1) < flip.p else out
         return torch.addcmul(self._bias, out.to(torch.float32, memory_format=torch.contiguous_format), self._gain)
 
     @staticmethod
@@ -217,8 +187,8 @@ class CropFlipNormalize(transforms.Compose):
 
 def build_dataset(split: str, args, transform=None):
     """The ``split`` ("train" or "val") of ``args.dataset``: (image, label) pairs, by default for evaluation."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split '{split}': expected one of {SPLITS}")
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown split '{split}': expected 'train' or 'val'")
     name = _dataset_name(args)
     transform = build_transform("eval", args) if transform is None else transform
     if name == "imagefolder":
@@ -247,8 +217,7 @@ def _build_imagefolder(split, args, transform):
     if not os.path.isdir(split_dir):
         raise UserError(f"no images found in {split_dir}: the directory does not exist; {hint}")
     try:
-        loader = getattr(transform, "image_loader", load_rgb_image)
-        return tv_datasets.ImageFolder(split_dir, transform=transform, loader=loader)
+        return tv_datasets.ImageFolder(split_dir, transform, loader=getattr(transform, "image_loader", load_rgb_image))
     except FileNotFoundError:  # torchvision's "no class folders" / "no images"
         raise UserError(f"no images found in {split_dir}: {hint}") from None
 
@@ -258,8 +227,7 @@ def _build_cifar(name, split, args, transform):
     root, download = _data_path(args), bool(getattr(args, "download", False))
     expected_dir = os.path.join(root, cifar_class.base_folder)
     if not download and not os.path.isdir(expected_dir):
-        raise UserError(f"{name} not found: expected torchvision's files in {expected_dir}; "
-                        f"pass --download to fetch them (needs internet)")
+        raise UserError(f"{name} not found: expected torchvision's files in {expected_dir}; pass --download (online)")
     try:
         return cifar_class(root=root, train=(split == "train"), transform=transform, download=download)
     except RuntimeError:  # torchvision's "not found or corrupted": a failed md5 check or a missing batch
@@ -334,10 +302,9 @@ def read_idx(path: str, expected_ndim: int) -> np.ndarray:
     if len(raw) < header_size:
         raise UserError(f"idx file {path} is truncated: header incomplete")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=expected_ndim, offset=4))
-    expected_size = header_size + int(np.prod(shape))
-    if len(raw) != expected_size:
-        raise UserError(f"idx file {path} is truncated or corrupt: {len(raw)} bytes, expected {expected_size} "
-                        f"for shape {shape}")
+    size = header_size + int(np.prod(shape))
+    if len(raw) != size:
+        raise UserError(f"idx file {path} is truncated or corrupt: {len(raw)} bytes, expected {size} for shape {shape}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
