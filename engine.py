@@ -1,10 +1,6 @@
-"""One training epoch and one evaluation pass, shared by pretraining, fine-tuning and linear probing.
-
-Pretraining calls the masked autoencoder, which returns its own loss; the classifiers get ``criterion`` (and
-fine-tuning its ``mixup_fn``). Around that: the per-iteration learning rate, mixed precision, gradient accumulation
-without all-reduce on the intermediate micro-steps (DDP ``no_sync``), gradient clipping, and logging that reads
-values back to the host only when it prints.
-"""
+"""One training epoch and one evaluation pass, shared by pretraining, fine-tuning and linear probing: the lr per
+iteration, mixed precision, gradient accumulation (DDP ``no_sync`` on the intermediate micro-steps), clipping, and
+logging that reads values back to the host only when it prints."""
 from __future__ import annotations
 
 import contextlib

@@ -173,8 +173,8 @@ def load_pretrained(model, path, *, head_init_std=None, log=print) -> dict:
 
 # ---------------------------------------------------------------- writing
 def save_atomic(obj, path) -> None:
-    """``torch.save`` to a temporary file in the same directory, then rename: a crash mid-write never leaves a
-    truncated file where the last good checkpoint was."""
+    """``torch.save`` to a temporary file in the same directory, then rename: a crash mid-write never truncates the
+    last good checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -194,12 +194,9 @@ def save_atomic(obj, path) -> None:
 
 def _rng_state() -> dict:
     """Every RNG a training step draws from, in types ``weights_only`` loading accepts."""
-    numpy_state = np.random.get_state(legacy=False)
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"key": torch.from_numpy(numpy_state["state"]["key"].astype("int64")),
-                       "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
-                       "gauss": float(numpy_state["gauss"])},
-             "python": random.getstate()}
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"key": torch.from_numpy(key.astype("int64")), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -207,10 +204,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": numpy_state["key"].numpy().astype("uint32"), "pos": numpy_state["pos"]},
-                         "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
+    saved = state["numpy"]
+    np.random.set_state(("MT19937", saved["key"].numpy().astype("uint32"), saved["pos"], saved["has_gauss"], saved["gauss"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
@@ -218,12 +213,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_training_state(args, epoch, model, optimizer, updater, *, keep=False, max_accuracy=0.0, next_step=0):
-    """Write ``checkpoint-last.pth`` (and ``checkpoint-EPOCH.pth`` when ``keep``) atomically on rank 0.
-
-    Holds ``model``, ``optimizer``, ``epoch``, ``scaler`` and ``args`` (a plain dict) like the original, plus every
-    rank's RNG state, so a resumed run continues exactly; ``next_step`` > 0 marks a checkpoint inside ``epoch``.
-    Call on every rank (the RNG states are gathered with a collective).
-    """
+    """Write ``checkpoint-last.pth`` (and ``checkpoint-EPOCH.pth`` when ``keep``) atomically on rank 0: the original's
+    entries (``args`` as a plain dict) plus every rank's RNG state for an exact resume; ``next_step`` > 0 marks a
+    checkpoint inside ``epoch``. Call on every rank (the RNG states are gathered with a collective)."""
     rng = distributed.all_gather_object(_rng_state())
     if not args.output_dir or not distributed.is_main_process():
         return
