@@ -153,14 +153,11 @@ def main(args):
         step = 0
         test_stats = evaluate(data_loader_val, model_ddp, device, args)
         max_accuracy = max(max_accuracy, test_stats["acc1"])
-        print(f"accuracy on {len(data_loader_val.dataset)} test images: {test_stats['acc1']:.2f}% "
-              f"(max {max_accuracy:.2f}%)")
         save_training_state(args, epoch, model, optimizer, updater, max_accuracy=max_accuracy,
                             keep=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
-        write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                         **{f"test_{k}": v for k, v in test_stats.items()},
-                                         "epoch": epoch, "max_accuracy": max_accuracy}, log_writer)
-        print(f"epoch {epoch} took {time.time() - epoch_start:.2f} s (training, evaluation, checkpoint)")
+        write_log_line(args.output_dir, epoch, train_stats, test_stats, log_writer, max_accuracy=max_accuracy)
+        print(f"epoch {epoch} took {time.time() - epoch_start:.2f} s (training, evaluation, checkpoint); "
+              f"max accuracy {max_accuracy:.2f}%")
     print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     if log_writer is not None:
         log_writer.close()

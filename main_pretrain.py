@@ -116,7 +116,7 @@ def main(args):
         step = 0
         last = epoch + 1 == args.epochs
         save_training_state(args, epoch, model, optimizer, updater, keep=epoch % args.save_freq == 0 or last)
-        write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}, log_writer)
+        write_log_line(args.output_dir, epoch, train_stats, log_writer=log_writer)
         if reconstructions is not None and (epoch % args.vis_freq == 0 or last):
             reconstructions.log(model, epoch, log_writer)  # the unwrapped model
     print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")

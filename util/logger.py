@@ -89,11 +89,14 @@ class MetricLogger:
         print(f"{header} Total time: {elapsed} ({(time.time() - start_time) / max(total - start, 1):.4f} s / it)")
 
 
-def write_log_line(output_dir, stats: dict, log_writer=None) -> None:
-    """Append ``stats`` as one JSON line to ``output_dir/log.txt`` (rank 0); test metrics also go to TensorBoard."""
+def write_log_line(output_dir, epoch, train_stats, test_stats=None, log_writer=None, **extra) -> None:
+    """Append the epoch's ``train_*``/``test_*`` means and ``extra`` as one JSON line to ``output_dir/log.txt``
+    (rank 0); the test metrics also go to TensorBoard as ``perf/test_*``."""
+    stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+             **{f"test_{k}": v for k, v in (test_stats or {}).items()}, "epoch": epoch, **extra}
     if log_writer is not None:
-        for key in (k for k in ("test_acc1", "test_acc5", "test_loss") if k in stats):
-            log_writer.add_scalar(f"perf/{key}", stats[key], stats["epoch"])
+        for key, value in (test_stats or {}).items():
+            log_writer.add_scalar(f"perf/test_{key}", value, epoch)
         log_writer.flush()
     if output_dir and distributed.is_main_process():
         with open(os.path.join(output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
