@@ -2,11 +2,8 @@
 
     python visualize.py --checkpoint output_dir/checkpoint-last.pth --images photos/ --mask_ratio 0.5 0.75 0.9
 
-Model, input size, norm_pix_loss, dataset (mean/std) and target come from the checkpoint's training arguments when
-it has them; flags win. The original's released files have none: pass ``--model`` (and ``--norm_pix_loss`` for
-``*_full.pth``). All ratios share one masking noise. ``--target hog``/``teacher`` checkpoints get a heat map of the
-cosine similarity of prediction and target per removed patch instead of a reconstruction.
-"""
+Settings come from the checkpoint's training arguments (flags win); the original's released files have none: pass
+``--model`` (and ``--norm_pix_loss`` for ``*_full.pth``). HOG/teacher targets get a heat map of cosine similarity."""
 import argparse
 import os
 
@@ -16,13 +13,12 @@ from torchvision import transforms
 
 from util.checkpoint import load_checkpoint_file, load_pretrained, model_state_dict, saved_args
 from util.cli import Parser, default_device, run
-from util.datasets import DATASETS, dataset_info, load_rgb_image
+from util.datasets import BICUBIC, DATASETS, dataset_info, load_rgb_image
 from util.errors import UserError
 from util.figures import draw, fixed_noise
 from util.runtime import build_model
 from util.targets import build_target
 
-DEFAULT_INPUT_SIZE = 224
 IMAGE_EXTENSIONS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
 
 
@@ -31,15 +27,14 @@ def get_args_parser():
     parser.add_argument("--checkpoint", required=True, help="main_pretrain.py's, mae_visualize_*.pth or *_full.pth")
     parser.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files and/or directories")
     parser.add_argument("--mask_ratio", nargs="+", type=float, default=[0.75], metavar="R", help="ratios in [0, 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the masking noise")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the masking noise (shared by all ratios)")
     parser.add_argument("--output", default="reconstruction.png", help="the PNG to write")
     parser.add_argument("--max_images", type=int, default=16, help="draw at most this many images (0: all)")
     g = parser.add_argument_group("model (default: from the checkpoint's training arguments)")
     g.add_argument("--model", default=None, help="mae_vit_* name; required for files without training arguments")
-    g.add_argument("--input_size", type=int, default=None, help=f"image size (default {DEFAULT_INPUT_SIZE})")
-    g.add_argument("--norm_pix_loss", action="store_true", help="the decoder predicts per-patch normalised pixels")
-    g.add_argument("--no_norm_pix_loss", action="store_false", dest="norm_pix_loss", help="the decoder predicts pixels")
-    parser.set_defaults(norm_pix_loss=None)  # None: not given, take the checkpoint's
+    g.add_argument("--input_size", type=int, default=None, help="image size (default 224)")
+    g.add_argument("--norm_pix_loss", action="store_true", default=None, help="predicts per-patch normalised pixels")
+    g.add_argument("--no_norm_pix_loss", action="store_false", dest="norm_pix_loss", default=None, help="plain pixels")
     g.add_argument("--dataset", default=None, choices=DATASETS, help="whose mean/std normalise the images")
     g.add_argument("--teacher_checkpoint", metavar="FILE", help="where a --target teacher's weights are now")
     g.add_argument("--device", default=default_device())
@@ -47,12 +42,9 @@ def get_args_parser():
 
 
 def resolve_setting(name, flag_value, saved: dict, default):
-    """A flag given on the command line, else the checkpoint's value, else ``default``."""
-    if flag_value is not None:
-        if saved.get(name) is not None and saved[name] != flag_value:
-            print(f"note: --{name} {flag_value} overrides the checkpoint's {saved[name]}")
-        return flag_value
-    return saved[name] if saved.get(name) is not None else default
+    if flag_value is not None and saved.get(name) not in (None, flag_value):
+        print(f"note: --{name} {flag_value} overrides the checkpoint's {saved[name]}")
+    return next((value for value in (flag_value, saved.get(name)) if value is not None), default)
 
 
 def collect_image_paths(specs, max_images: int = 0) -> list:
@@ -72,15 +64,12 @@ def collect_image_paths(specs, max_images: int = 0) -> list:
             raise UserError(f"image {spec} does not exist")
     if max_images and len(paths) > max_images:
         print(f"note: drawing the first {max_images} of {len(paths)} images (--max_images)")
-        paths = paths[:max_images]
-    return paths
+    return paths[:max_images or None]
 
 
 def load_images(paths, input_size: int, in_chans: int, mean, std) -> torch.Tensor:
-    """Shorter side resized to ``input_size``, centre crop, the model's channel count, normalised."""
-    transform = transforms.Compose([transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-                                    transforms.CenterCrop(input_size), transforms.ToTensor(),
-                                    transforms.Normalize(mean, std)])
+    transform = transforms.Compose([transforms.Resize(input_size, BICUBIC), transforms.CenterCrop(input_size),
+                                    transforms.ToTensor(), transforms.Normalize(mean, std)])
     return torch.stack([transform(load_rgb_image(path).convert("L" if in_chans == 1 else "RGB")) for path in paths])
 
 
@@ -103,7 +92,7 @@ def main(args):
                         f"(e.g. --model mae_vit_large_patch16 for mae_visualize_vit_large.pth)")
     if not str(model_name).startswith("mae_"):
         raise UserError(f"reconstructions need a masked autoencoder (mae_vit_*), not {model_name}")
-    input_size = int(resolve_setting("input_size", args.input_size, saved, DEFAULT_INPUT_SIZE))
+    input_size = int(resolve_setting("input_size", args.input_size, saved, 224))
     pixels = saved.get("target") in (None, "pixel", "norm_pixel")
     if not pixels and args.norm_pix_loss is not None:
         raise UserError(f"{args.checkpoint} was pretrained with --target {saved['target']}: its decoder predicts no "
@@ -112,7 +101,6 @@ def main(args):
     target_name = ("norm_pixel" if norm_pix else "pixel") if pixels else saved["target"]
     dataset = resolve_setting("dataset", args.dataset, saved, "imagefolder")
     info = dataset_info(argparse.Namespace(dataset=dataset))
-    # the weights know their channel count; the dataset only supplies statistics to match it
     in_chans = state["patch_embed.proj.weight"].shape[1] if "patch_embed.proj.weight" in state else info.in_chans
     if len(info.mean) != in_chans:
         raise UserError(f"{args.checkpoint} expects {in_chans}-channel images but --dataset {dataset} has "
@@ -122,10 +110,9 @@ def main(args):
     print(f"model {model_name}, {input_size} px, {in_chans} channel(s), target {target_name}, "
           f"norm_pix_loss {norm_pix}, {dataset} mean/std")
 
-    settings = {**saved, "target": target_name}  # --teacher_checkpoint: where the recorded teacher is now
-    settings["teacher_checkpoint"] = args.teacher_checkpoint or saved.get("teacher_checkpoint")
-    model = build_model(model_name, img_size=input_size, in_chans=in_chans, norm_pix_loss=norm_pix)
-    target = build_target(settings, model, info.mean, info.std, args.device)
+    model = build_model(model_name, img_size=input_size, in_chans=in_chans, norm_pix_loss=norm_pix).to(args.device)
+    teacher = args.teacher_checkpoint or saved.get("teacher_checkpoint")  # where the recorded teacher is now
+    target = build_target({**saved, "teacher_checkpoint": teacher}, model, info.mean, info.std, args.device)
     if target is not None:
         model.set_target(target)
         print(f"target: {target.describe()}")
@@ -135,7 +122,6 @@ def main(args):
                "the file does not say which target it was trained for; no reconstruction can be drawn")
         raise UserError(f"{args.checkpoint}: the decoder predicts {pred_rows} values per patch but {why}")
     load_pretrained(model, args.checkpoint, log=print)
-    model.to(args.device)
 
     images = load_images(paths, input_size, in_chans, info.mean, info.std)
     noise = fixed_noise(len(images), model.patch_embed.num_patches, args.seed)  # one ordering for every ratio

@@ -1,10 +1,7 @@
-"""Figures of MAE pretraining: image grids with torchvision, text and curves with matplotlib (Agg).
-
-Reconstruction grid: a row per image, original | masked input (removed patches grey) | reconstruction |
-reconstruction with the visible patches pasted back. A model with a non-pixel target (HOG, teacher features)
-reconstructs no image: its last column is a heat map of the cosine similarity of prediction and target per
-removed patch. ``ReconstructionLogger`` draws it during pretraining, ``plot_loss_curve`` draws ``log.txt``.
-"""
+"""Figures of MAE pretraining: reconstruction grids and the loss curve. A grid has a row per image: original |
+masked input (removed patches grey) | reconstruction | reconstruction with the visible patches pasted back. A model
+with a non-pixel target (HOG, teacher features) reconstructs no image: original | masked input | heat map of the
+cosine similarity of prediction and target per removed patch."""
 import json
 import math
 import os
@@ -12,7 +9,6 @@ import os
 import matplotlib
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid
@@ -23,7 +19,6 @@ from util.errors import UserError
 
 PIXEL_TITLES = ("original", "masked", "reconstruction", "+ visible patches")
 TARGET_TITLES = ("original", "masked", "cos(pred, target)")
-NORM_PIX_NOTE = "norm_pix_loss: prediction de-normalised with each patch's mean/std"
 HEAT_MAP = "viridis"  # cosine similarity <= 0 dark purple, 1 yellow; never the grey of a removed patch
 PATCH_EPS = 1.0e-6  # the eps of MaskedAutoencoderViT.forward_target, or de-normalising would not invert it
 MIN_CELL = 96  # px: smaller images (28/32 px) are enlarged nearest-neighbour to at least this
@@ -37,20 +32,18 @@ def fixed_noise(n: int, num_patches: int, seed: int = 0) -> torch.Tensor:
 
 
 def to_display(imgs: torch.Tensor, mean, std) -> torch.Tensor:
-    """Undo the dataset normalisation, clamped to [0, 1]."""
     return (imgs * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)).clamp(0.0, 1.0)
 
 
 def patch_map(values: torch.Tensor, model, size) -> torch.Tensor:
     """Per-patch values (N, L) or (N, L, C) as images (N, C, H, W), every pixel of a patch holding its value."""
-    rows, cols = model.patch_embed.grid_size
-    per_patch = values.reshape(len(values), rows, cols, -1).permute(0, 3, 1, 2)
+    per_patch = values.reshape(len(values), *model.patch_embed.grid_size, -1).permute(0, 3, 1, 2)
     return F.interpolate(per_patch.float(), size=tuple(size), mode="nearest")
 
 
 def run_model(model, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float, mean, std):
-    """The grid's columns for ``imgs`` masked by ``noise``, each (N, C, H, W) in [0, 1] on the CPU, and a line on
-    the mask and the loss. The model runs in eval mode without gradients; each module's mode is restored."""
+    """The grid's columns for ``imgs`` masked by ``noise``, each (N, C, H, W) in [0, 1] on the CPU, and a caption
+    line. The model runs in eval mode without gradients; each module's mode is restored."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
@@ -80,14 +73,11 @@ def run_model(model, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float,
 
 
 def draw(model, images, noise, ratios, mean, std, header: str, path=None) -> torch.Tensor:
-    """The grid of ``images`` masked by ``noise`` at each of the mask ``ratios``: a row per image and ratio, a cell
-    per column of :func:`run_model`, as a (3, H, W) image in [0, 1]. With ``path``, also a PNG of it (one pixel per
-    pixel) with column titles, a caption below ``header`` and, for several ratios, row labels."""
-    blocks, caption = [], [header]
-    for ratio in ratios:
-        columns, line = run_model(model, images, noise, ratio, mean, std)
-        blocks.append(columns)
-        caption.append(line)
+    """The grid (3, H, W) in [0, 1] of ``images`` masked by ``noise`` at each mask ratio: a row per image and ratio.
+    With ``path``, also a PNG of it (one pixel per pixel) with column titles, a caption and, for several ratios,
+    row labels."""
+    blocks, lines = zip(*(run_model(model, images, noise, ratio, mean, std) for ratio in ratios))
+    caption = [header, *lines]
     cells = torch.stack([torch.cat(column).expand(-1, 3, -1, -1) for column in zip(*blocks)], dim=1)
     scale = max(1, math.ceil(MIN_CELL / min(images.shape[-2:])))
     cells = F.interpolate(cells.flatten(0, 1), scale_factor=scale, mode="nearest")
@@ -100,16 +90,14 @@ def draw(model, images, noise, ratios, mean, std, header: str, path=None) -> tor
         caption += [f"target: {model.target_fn.describe()}; no image is reconstructed",
                     f"heat map ({HEAT_MAP}): cosine similarity per removed patch, dark <= 0, yellow 1"]
     elif model.norm_pix_loss:
-        caption.append(NORM_PIX_NOTE)
+        caption.append("norm_pix_loss: prediction de-normalised with each patch's mean/std")
     labels = [f"ratio {ratio:g}" for ratio in ratios for _ in images] if len(ratios) > 1 else []
     height, width = image.shape[1:]
     fig = Figure(figsize=(width / 100, height / 100), dpi=100)
-    FigureCanvasAgg(fig)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
-    cell_w, cell_h = (width - PAD) / len(titles), (height - PAD) / max(len(labels), 1)
-    ax.set_xticks([PAD / 2 + cell_w * (i + 0.5) for i in range(len(titles))], titles)
-    ax.set_yticks([PAD / 2 + cell_h * (i + 0.5) for i in range(len(labels))], labels)
+    ax.set_xticks([PAD / 2 + (i + 0.5) * (width - PAD) / len(titles) for i in range(len(titles))], titles)
+    ax.set_yticks([PAD / 2 + (i + 0.5) * (height - PAD) / len(labels) for i in range(len(labels))], labels)
     ax.tick_params(length=0, labelsize=8, labeltop=True, labelbottom=False)
     ax.set_title("\n".join(caption), fontsize=8, loc="left")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -118,9 +106,8 @@ def draw(model, images, noise, ratios, mean, std, header: str, path=None) -> tor
 
 
 class ReconstructionLogger:
-    """The grid of the same held-out images with the same masks after chosen pretraining epochs, on rank 0 only:
-    ``OUTPUT_DIR/vis/epoch_XXXX.png`` (``log`` returns its path, or None) and the TensorBoard image
-    ``reconstruction``. The global RNG and the model's train/eval modes stay as they were."""
+    """The grid of the same held-out images with the same masks, on rank 0: ``OUTPUT_DIR/vis/epoch_XXXX.png``
+    (``log`` returns its path, or None) and the TensorBoard image ``reconstruction``. The global RNG is untouched."""
 
     def __init__(self, args, num_images: int = 8, seed: int = 0):
         self.output_dir, self.mask_ratio, self.seed = args.output_dir, args.mask_ratio, seed
@@ -147,8 +134,7 @@ class ReconstructionLogger:
 
 
 def read_log(log_txt_path) -> list:
-    """The JSON lines of ``log.txt`` sorted by epoch, one per epoch: the last line written for an epoch wins (a
-    resumed run writes it again); torn or non-JSON lines are skipped."""
+    """``log.txt``'s JSON lines by epoch, the last one of an epoch winning (a resume rewrites it); others skipped."""
     by_epoch = {}
     with open(log_txt_path, encoding="utf-8") as f:
         for line in f:
@@ -162,13 +148,11 @@ def read_log(log_txt_path) -> list:
 
 
 def plot_loss_curve(log_txt_path, out_png) -> str:
-    """Training loss and learning rate against epoch from ``log.txt`` into ``out_png``, one panel each; returns the
-    path. A UserError when no line has an epoch."""
+    """Training loss and learning rate against epoch from ``log.txt`` into ``out_png``; returns the path."""
     records = read_log(log_txt_path)
     if not records:
         raise UserError(f"{log_txt_path} has no JSON lines with an epoch")
     fig = Figure(figsize=(8, 5.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
     axes = fig.subplots(2, 1, sharex=True)
     for ax, key in zip(axes, ("train_loss", "train_lr")):  # a missing value is a gap
         ax.plot([r["epoch"] for r in records], [r.get(key, math.nan) for r in records], marker=".")
