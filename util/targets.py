@@ -139,58 +139,43 @@ def _create_teacher(name: str, img_size: int, pretrained: bool, in_chans: int | 
                         f"FILE instead): {one_line(e)}") from None
 
 
-def _load_teacher_weights(teacher: torch.nn.Module, state: dict, path: str, name: str) -> None:
-    # without the decoder and mask token first: timm's ViT filter would take a 'mask_token' for DINOv2's
-    state = {k: v for k, v in state.items() if not k.startswith(PRETRAINING_ONLY)}
-    # timm's own conversion for the architecture (e.g. resampling a ViT's position table to this input size)
-    filter_fn = getattr(sys.modules.get(type(teacher).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        try:
-            state = filter_fn(state, teacher)
-        except Exception as e:  # a file of another architecture fails in the conversion
-            raise UserError(f"{path} does not fit the teacher {name}: {type(e).__name__}: {e}") from None
-    fit_state_dict(teacher, state, path, may_miss=UNUSED_TEACHER_PREFIXES, may_ignore=("",), adapt=False,
-                   name=f"the teacher {name}")
-
-
 def load_teacher(model_name, checkpoint, pretrained: bool, img_size: int):
     """``(teacher, mean, std, description)``: the network and the statistics its inputs are normalised with.
     ``checkpoint`` is a local file; without ``model_name`` it must be one of ours, whose arguments name the model.
     ``pretrained``: timm's hub weights instead, downloaded only then."""
-    if pretrained and checkpoint:
-        raise UserError("--teacher_pretrained downloads the hub weights; it conflicts with --teacher_checkpoint")
-    if not pretrained and not checkpoint:
-        raise UserError("--target teacher needs --teacher_checkpoint FILE (or --teacher_pretrained with "
-                         "--teacher_model to download timm's weights)")
-    saved, state = {}, None
-    if checkpoint:
-        loaded = load_checkpoint_file(checkpoint)
-        state = model_state_dict(loaded, checkpoint)
-        saved = saved_args(loaded)
-        if not model_name:
-            model_name = saved.get("model")
-            if not model_name:
-                raise UserError(f"{checkpoint} holds no training arguments naming its model; pass --teacher_model "
-                                 f"(a timm name such as vit_tiny_patch16_224)")
-    elif not model_name:
-        raise UserError("--teacher_pretrained needs --teacher_model (a timm name such as vit_tiny_patch16_224)")
+    if pretrained == bool(checkpoint):
+        raise UserError("--target teacher needs --teacher_checkpoint FILE or (not both) --teacher_pretrained with "
+                        "--teacher_model to download timm's weights")
+    loaded = load_checkpoint_file(checkpoint) if checkpoint else {}
+    saved = saved_args(loaded)
+    model_name = model_name or saved.get("model")
+    if not model_name:
+        raise UserError(f"{checkpoint or '--teacher_pretrained'} names no model; pass --teacher_model "
+                        f"(a timm name such as vit_tiny_patch16_224)")
     name = model_name.removeprefix("mae_").split("_dec")[0]  # a mae_vit_* checkpoint gives its vit_* encoder
-    patch_weight = (state or {}).get("patch_embed.proj.weight")
-    in_chans = int(patch_weight.shape[1]) if patch_weight is not None and patch_weight.ndim == 4 else None
-    teacher = _create_teacher(name, img_size, pretrained, in_chans)
-    if state is not None:
-        _load_teacher_weights(teacher, state, checkpoint, name)
-    channels = _first_conv_channels(teacher)
+    state = model_state_dict(loaded, checkpoint) if checkpoint else {}
+    patch_weight = state.get("patch_embed.proj.weight")
+    teacher = _create_teacher(name, img_size, pretrained, patch_weight.shape[1] if patch_weight is not None else None)
+    if checkpoint:
+        # without the decoder and mask token: timm's ViT filter would take a 'mask_token' for DINOv2's
+        state = {k: v for k, v in state.items() if not k.startswith(PRETRAINING_ONLY)}
+        # timm's own conversion for the architecture (e.g. resampling a ViT's position table to this input size)
+        filter_fn = getattr(sys.modules.get(type(teacher).__module__), "checkpoint_filter_fn", None)
+        try:
+            state = filter_fn(state, teacher) if filter_fn else state
+        except Exception as e:  # a file of another architecture fails in the conversion
+            raise UserError(f"{checkpoint} does not fit the teacher {name}: {type(e).__name__}: {e}") from None
+        fit_state_dict(teacher, state, checkpoint, may_miss=UNUSED_TEACHER_PREFIXES, may_ignore=("",), adapt=False,
+                       name=f"the teacher {name}")
     if saved.get("dataset"):  # one of ours: trained on its dataset's normalisation
         info = dataset_info(argparse.Namespace(dataset=saved["dataset"]))
         mean, std = info.mean, info.std
     else:
         cfg = getattr(teacher, "pretrained_cfg", None) or {}
         mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
-    source = checkpoint or "timm hub weights"
-    label = f"{name}" + (f" (encoder of {model_name})" if name != model_name else "") + f" from {source}"
-    return (teacher, _stats_for(mean, channels, f"teacher {name}'s mean"), _stats_for(std, channels, f"teacher {name}'s std"),
-            label)
+    channels = _first_conv_channels(teacher)
+    label = name + (f" (encoder of {model_name})" if name != model_name else "") + f" from {checkpoint or 'timm hub'}"
+    return teacher, _stats_for(mean, channels, f"teacher {name}'s mean"), _stats_for(std, channels, f"teacher {name}'s std"), label
 
 
 class TeacherTarget:
