@@ -4,8 +4,6 @@
         --batch_size 32 --accum_iter 4 --blr 5e-4 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 \
         --reprob 0.25 --mixup 0.8 --cutmix 1.0 --epochs 100 --dist_eval
     python main_finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_base_patch16 --data_path DIR
-
-Reads top to bottom: arguments, setup (distributed, data, model, optimizer, resume), the epoch loop.
 """
 from __future__ import annotations
 

@@ -1,15 +1,8 @@
-"""MAE pretraining.
+"""MAE pretraining: arguments, setup (distributed, data, model, optimizer, resume), then the epoch loop.
 
     python main_pretrain.py --model mae_vit_base_patch16 --norm_pix_loss --data_path /path/to/imagenet
-    python main_pretrain.py --target hog ...                                        (MaskFeat)
-    python main_pretrain.py --target teacher --teacher_model vit_base_patch16_clip_224 \
-        --teacher_checkpoint clip_b16.pth --target_loss cosine ...                  (MILAN; smooth_l1: MaskDistill)
-    python main_pretrain.py --target teacher --teacher_checkpoint output_dir/checkpoint-last.pth ...
-                                                    (the encoder of one of this package's pretraining runs)
-    torchrun --nproc_per_node=8 main_pretrain.py ...        (one or several nodes)
-    python submitit_pretrain.py --nodes 2 --ngpus 8 ...     (SLURM)
-
-Reads top to bottom: arguments, setup (distributed, data, model, optimizer, resume), the epoch loop.
+    python main_pretrain.py --target hog ...          (MaskFeat; --target teacher --teacher_checkpoint FILE: MaskDistill)
+    torchrun --nproc_per_node=8 main_pretrain.py ...  (one or several nodes; SLURM: submitit_pretrain.py)
 """
 from __future__ import annotations
 
