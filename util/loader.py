@@ -11,13 +11,19 @@ from util.errors import UserError
 
 class ResumableSampler(DistributedSampler):
     """A DistributedSampler that can resume a mid-epoch checkpoint: the epoch's order as ever (seed + epoch), less
-    its first ``start_index`` samples."""
+    its first ``start_index`` samples. Its ``generator`` is the loader's, seeded per rank and epoch: the loader's
+    draw of worker seeds stays off the global RNG, which checkpoints save and restore."""
 
     start_index = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.generator = torch.Generator()
 
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
         super().set_epoch(epoch)
         self.start_index = start_index
+        self.generator.manual_seed(self.seed + 10007 * self.rank + epoch)
 
     def __iter__(self):
         return iter(list(super().__iter__())[self.start_index:])
@@ -47,8 +53,9 @@ def build_loader(dataset, args, train: bool, shard_eval: bool = False) -> DataLo
     if train and len(dataset) < args.batch_size * world:
         raise UserError(f"the training set has {len(dataset)} images, fewer than one batch "
                         f"({args.batch_size} x {world} processes); lower --batch_size")
+    generator = sampler.generator if train else torch.Generator().manual_seed(args.seed)
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                      pin_memory=args.pin_mem and torch.cuda.is_available(), drop_last=train)
+                      pin_memory=args.pin_mem and torch.cuda.is_available(), drop_last=train, generator=generator)
 
 
 def build_classification_loaders(args, train_kind: str) -> tuple[DataLoader, DataLoader, int]:
