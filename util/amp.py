@@ -1,5 +1,5 @@
-"""Mixed precision and the optimizer update. bf16 needs no loss scaling (its exponent range is fp32's), so only
-fp16 gets a GradScaler; the original's fp16 default gave NaN losses for some large models, hence bf16 on GPUs."""
+"""Mixed precision and the optimizer update. bf16 needs no loss scaling (its exponent range is fp32's), so only fp16
+scales the loss; the original's fp16 default gave NaN losses for some large models, hence bf16 on GPUs."""
 from __future__ import annotations
 
 import contextlib
@@ -29,35 +29,31 @@ def autocast(amp: str, device: torch.device):
 
 
 class GradientUpdater:
-    """Backward, optional unscale and clipping, optimizer step. Returns the gradient norm as a device tensor (no
-    host synchronisation) on update steps, else None."""
+    """Backward, unscale and clip, optimizer step, like the original's loss scaler; the GradScaler is enabled for fp16
+    only. Returns the gradient norm as a device tensor (no host synchronisation) on update steps, else None."""
 
     def __init__(self, amp: str, device: torch.device):
-        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     def __call__(self, loss, optimizer, parameters, clip_grad=None, update_grad=True):
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        self.scaler.scale(loss).backward()
         if not update_grad:
             return None
         parameters = [p for p in parameters if p.grad is not None]
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
+        self.scaler.unscale_(optimizer)
         if clip_grad is not None:
             norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
         else:
             norm = total_norm([p.grad for p in parameters])
-        if self.scaler is None:
-            optimizer.step()
-        else:
-            self.scaler.step(optimizer)
-            self.scaler.update()
+        self.scaler.step(optimizer)
+        self.scaler.update()
         return norm
 
     def state_dict(self):
-        return self.scaler.state_dict() if self.scaler is not None else {}
+        return self.scaler.state_dict()
 
     def load_state_dict(self, state):
-        if self.scaler is not None and state:
+        if state:
             self.scaler.load_state_dict(state)
 
 
