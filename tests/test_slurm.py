@@ -252,6 +252,32 @@ class Job:
         assert len(checkpoint["rng"]) == 2  # both ranks' random state
         assert (self.dir / f"{self.id}_0_result.pkl").is_file(), self.logs()
 
+    def hold_and(self, *command):
+        """Suspend the job (SIGSTOP to its tasks), run ``command`` on it, let it go on: however fast the machine,
+        the job cannot finish between the test seeing an epoch and the signal."""
+        self.slurm("scontrol", "suspend", self.id)
+        self.slurm(*command)
+        if self.state()[0] == "SUSPENDED":
+            self.slurm("scontrol", "resume", self.id)
+
+    def check_same_training_as(self, reference):
+        """The resumed run trained exactly as an uninterrupted one: the same loss every epoch, the same weights and
+        optimizer state at the end (model, optimizer and every rank's RNG came back from the checkpoint)."""
+        losses = {}
+        for line in (self.dir / "log.txt").read_text().splitlines():
+            record = json.loads(line)
+            losses[record["epoch"]] = record["train_loss"]  # an epoch logged twice: the rerun's counts
+        expected = {json.loads(line)["epoch"]: json.loads(line)["train_loss"]
+                    for line in (reference.dir / "log.txt").read_text().splitlines()}
+        assert losses == expected
+        ours, theirs = (torch.load(job.dir / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+                        for job in (self, reference))
+        for key, value in theirs["model"].items():
+            assert torch.equal(ours["model"][key], value), key
+        for index, state in theirs["optimizer"]["state"].items():
+            for name, value in state.items():
+                assert torch.equal(ours["optimizer"]["state"][index][name], value), (index, name)
+
     def check_resumed(self, logged_before):
         """The rerun resumed from the last checkpoint; no epoch ran twice but the one in flight."""
         out = self.stdout()
@@ -287,34 +313,49 @@ def submit_job(slurm_env, slurm_data, tmp_path):
         job.cancel()
 
 
-def test_two_task_cpu_pretraining_job(submit_job):
-    job = submit_job(epochs=3)
-    job.wait_until_done()
+EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_job(slurm_env, slurm_data, tmp_path_factory):
+    """A job that runs its EPOCHS epochs without interruption: what the preempted ones must reproduce."""
+    job = Job(slurm_env, slurm_data, tmp_path_factory.mktemp("uninterrupted"), EPOCHS)
+    try:
+        job.wait_until_done()
+    finally:
+        job.cancel()
+    return job
+
+
+def test_two_task_cpu_pretraining_job(uninterrupted_job):
+    job = uninterrupted_job
     job.check_finished()
-    assert job.logged_epochs() == [0, 1, 2]
+    assert job.logged_epochs() == list(range(EPOCHS))
     out = job.stdout()
     assert "task 0 of 2" in out and "run 1" in out and "distributed init (rank 0/2, gloo)" in out
     assert "resumed" not in out
     assert "task 1 of 2" in job.stdout(task=1)
 
 
-def test_preempted_job_requeues_itself_and_resumes(submit_job):
-    job = submit_job(epochs=12)
+def test_preempted_job_requeues_itself_and_resumes(submit_job, uninterrupted_job):
+    job = submit_job(epochs=EPOCHS)
     logged_before = len(job.wait_for_epochs(1))
-    job.slurm("scancel", "--signal=USR2", job.id)  # what SLURM sends on preemption / near the time limit
+    job.hold_and("scancel", "--signal=USR2", job.id)  # what SLURM sends on preemption / near the time limit
     job.requeue_released()
     job.wait_until_done()
     assert "this job is preempted" in job.stdout() and "Requeued job" in job.stdout(), job.logs()
     job.check_finished()
     job.check_resumed(logged_before)
+    job.check_same_training_as(uninterrupted_job)
 
 
-def test_job_requeued_by_slurm_resumes(submit_job):
-    job = submit_job(epochs=12)
+def test_job_requeued_by_slurm_resumes(submit_job, uninterrupted_job):
+    job = submit_job(epochs=EPOCHS)
     logged_before = len(job.wait_for_epochs(1))
-    job.slurm("scontrol", "requeue", job.id)  # the tasks are killed; no handler runs
+    job.hold_and("scontrol", "requeue", job.id)  # the tasks are killed; no handler runs
     job.requeue_released()
     job.wait_until_done()
     assert "Requeued job" not in job.stdout()
     job.check_finished()
     job.check_resumed(logged_before)
+    job.check_same_training_as(uninterrupted_job)
