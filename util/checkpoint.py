@@ -1,16 +1,15 @@
 """Checkpoints: safe reading, one way to fit weights to a model, atomic writing, and resuming a run.
 
-One loader serves every program: this package's checkpoints and the original research code's released files
-(``mae_pretrain_vit_*.pth`` encoder-only, ``*_full.pth``, ``mae_visualize_vit_*.pth``, ``mae_finetuned_vit_*.pth``).
-Files are read with ``torch.load(weights_only=True)``; the only class allow-listed is ``argparse.Namespace`` (the
-original stored its arguments as one), so no pickled code ever runs.
-"""
+One loader serves this package's checkpoints and the original's released files (``mae_pretrain_vit_*.pth``
+encoder-only, ``*_full.pth``, ``mae_visualize_vit_*.pth``, ``mae_finetuned_vit_*.pth``), read with ``weights_only``:
+the only class allow-listed is ``argparse.Namespace`` (the original's arguments), so no pickled code ever runs."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -22,19 +21,14 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from util import distributed
 from util.errors import UserError, one_line
 
-# prefixes that wrappers add to parameter names: DDP, torch.compile
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# position tables that follow the patch grid and are resampled when it differs
-POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
-# a classifier's new parts (missing from a pretraining checkpoint) and a pretraining checkpoint's parts a classifier
-# has no use for (the final norm is replaced by fc_norm in global-pool mode)
-CLASSIFIER_NEW = ("head.", "fc_norm.")
-PRETRAINING_ONLY = ("decoder_", "mask_token")
+WRAPPER_PREFIX = re.compile(r"^(module\.)?(_orig_mod\.)?")  # what DDP and torch.compile add to parameter names
+POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")  # they follow the patch grid: resampled when it differs
+CLASSIFIER_NEW = ("head.", "fc_norm.")  # a classifier's parts that a pretraining checkpoint lacks
+PRETRAINING_ONLY = ("decoder_", "mask_token")  # a pretraining checkpoint's parts that a classifier has no use for
 
 
 def _namespace_allowed():
-    """``argparse.Namespace`` allow-listed for ``weights_only`` loading: only while loading where torch has the
-    context manager (2.5 and later), for the whole process on torch 2.4."""
+    """``argparse.Namespace`` allow-listed for ``weights_only``: while loading (torch 2.5+), for good on torch 2.4."""
     if hasattr(torch.serialization, "safe_globals"):
         return torch.serialization.safe_globals([argparse.Namespace])
     torch.serialization.add_safe_globals([argparse.Namespace])
@@ -58,7 +52,7 @@ def load_checkpoint_file(path) -> dict:
     except Exception as e:  # pickle.UnpicklingError for refused globals, others for corrupt files
         reason = one_line(e)
         if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = f"it contains pickled objects other than tensors and plain containers, refused for safety ({reason})"
+            reason = f"it holds pickled objects other than tensors and plain containers, refused for safety ({reason})"
         raise UserError(f"cannot load checkpoint {path}: {reason}") from None
 
 
@@ -69,12 +63,7 @@ def model_state_dict(checkpoint, path="checkpoint") -> dict:
     state = checkpoint.get("model", checkpoint)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} has no state dict of tensors (expected a 'model' entry or bare weights)")
-    out = {}
-    for key, value in state.items():
-        for prefix in WRAPPER_PREFIXES:
-            key = key.removeprefix(prefix)
-        out[key] = value
-    return out
+    return {WRAPPER_PREFIX.sub("", key): value for key, value in state.items()}
 
 
 def saved_args(checkpoint) -> dict:
@@ -105,12 +94,9 @@ def _names(keys, limit=8) -> str:
 
 def fit_state_dict(model, state: dict, path, *, may_miss=(), may_ignore=(), adapt=True, name=None) -> dict:
     """Load ``state`` into ``model``; everything that does not fit is one ``UserError`` naming the keys.
-
-    ``may_miss`` / ``may_ignore``: key prefixes the model may lack in ``state`` / ``state`` may hold beyond the
-    model; ``name`` names the model in errors. With ``adapt``, position tables are resampled to the model's patch
-    grid (bicubic, no antialias, as the original) and a classifier head of another shape is dropped. Returns the
-    keys missing, unexpected (ignored), resampled and dropped.
-    """
+    ``may_miss`` / ``may_ignore``: key prefixes the model may lack in ``state`` / ``state`` may hold beyond it. With
+    ``adapt``, position tables are resampled to the model's patch grid (bicubic, no antialias, as the original) and a
+    classifier head of another shape is dropped. Returns the keys missing, unexpected (ignored), resampled, dropped."""
     expected = model.state_dict()
     state = dict(state)
     resampled, dropped, mismatched = [], [], []
@@ -155,11 +141,13 @@ def load_pretrained(model, path, *, head_init_std=None, log=print) -> dict:
     loaded is initialised trunc-normal with that std and zero bias (the original: 2e-5 fine-tuning, 0.01 probing)."""
     checkpoint = load_checkpoint_file(path)
     classifier = hasattr(model, "head")
-    report = fit_state_dict(model, model_state_dict(checkpoint, path), path,
+    report = fit_state_dict(model, model_state_dict(checkpoint, path), path,  # a global-pool classifier has no norm
                             may_miss=CLASSIFIER_NEW if classifier else (),
                             may_ignore=PRETRAINING_ONLY + (("norm.", "head.") if classifier else ()))
-    head = model.head[-1] if isinstance(getattr(model, "head", None), torch.nn.Sequential) else getattr(model, "head", None)
-    if head_init_std is not None and isinstance(head, torch.nn.Linear) and any(k.startswith("head.") for k in report["missing"]):
+    head = getattr(model, "head", None)
+    head = head[-1] if isinstance(head, torch.nn.Sequential) else head
+    new_head = any(k.startswith("head.") for k in report["missing"])
+    if head_init_std is not None and new_head and isinstance(head, torch.nn.Linear):
         trunc_normal_(head.weight, std=head_init_std)
         torch.nn.init.zeros_(head.bias)
     target = saved_args(checkpoint).get("target")
@@ -171,7 +159,6 @@ def load_pretrained(model, path, *, head_init_std=None, log=print) -> dict:
     return report
 
 
-# ---------------------------------------------------------------- writing
 def save_atomic(obj, path) -> None:
     """``torch.save`` to a temporary file in the same directory, then rename: a crash mid-write never truncates the
     last good checkpoint."""
@@ -195,8 +182,8 @@ def save_atomic(obj, path) -> None:
 def _rng_state() -> dict:
     """Every RNG a training step draws from, in types ``weights_only`` loading accepts."""
     _, key, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"key": torch.from_numpy(key.astype("int64")), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}}
+    numpy_state = {"key": torch.from_numpy(key.astype("int64")), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -204,8 +191,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    saved = state["numpy"]
-    np.random.set_state(("MT19937", saved["key"].numpy().astype("uint32"), saved["pos"], saved["has_gauss"], saved["gauss"]))
+    key, pos, has_gauss, gauss = (state["numpy"][k] for k in ("key", "pos", "has_gauss", "gauss"))
+    np.random.set_state(("MT19937", key.numpy().astype("uint32"), pos, has_gauss, gauss))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
@@ -244,7 +231,6 @@ def _link_atomic(source: Path, dest: Path) -> bool:
         return False
 
 
-# ---------------------------------------------------------------- resuming
 class Resumed(NamedTuple):
     """Where a run continues: the first epoch, the step inside it (> 0 after a mid-epoch checkpoint), the best
     accuracy so far, and the saved training arguments."""
@@ -278,8 +264,7 @@ def resume_training(args, model, optimizer=None, updater=None) -> Resumed:
     elif rng:
         print(f"note: {path} was written by {len(rng)} processes, this run has {distributed.get_world_size()}: "
               f"random streams restart from the seed")
-    # a mid-epoch checkpoint continues its epoch at the next step; an epoch-end one starts the next epoch
-    step = checkpoint.get("next_step", 0)
+    step = checkpoint.get("next_step", 0)  # > 0: a mid-epoch checkpoint, continued at that step; else the next epoch
     resumed = resumed._replace(epoch=checkpoint["epoch"] + (0 if step else 1), step=step)
     print(f"resumed optimizer and scaler; continuing at epoch {resumed.epoch}" + (f", step {step}" if step else ""))
     return resumed

@@ -23,7 +23,6 @@ from util.errors import UserError
 DATASETS = ("imagefolder", "cifar10", "cifar100", "filelist", "fashion_mnist")
 TRANSFORM_KINDS = ("pretrain", "finetune", "linprobe", "eval")
 SMALL_IMAGE_MAX_SIZE = 64
-EVAL_CROP_PCT = 224 / 256  # the original's evaluation margin up to 224 px; none above
 BICUBIC = transforms.InterpolationMode.BICUBIC
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -52,11 +51,10 @@ def _dataset_name(args) -> str:
 
 
 def build_transform(kind: str, args):
-    """Above 64 px, the original's: torchvision's RandomResizedCrop (scale 0.2-1) and a flip for pre-training, its own
-    single-draw crop (0.08-1) and a flip for linear probing, timm's RandAugment / RandomErasing for fine-tuning, and a
-    bicubic resize to input_size / crop_pct (224/256 up to 224 px, 1 above) and a center crop for evaluation. Up to
-    64 px (CIFAR, Fashion-MNIST): random crops with reflect padding and flips (fine-tuning adds RandAugment /
-    RandomErasing when asked); evaluation has no center-crop margin."""
+    """Above 64 px, the original's: RandomResizedCrop (scale 0.2-1) and a flip for pre-training, its own single-draw
+    crop (0.08-1) and a flip for linear probing, timm's RandAugment / RandomErasing for fine-tuning, a bicubic resize
+    and a center crop for evaluation. Up to 64 px (CIFAR, Fashion-MNIST): random crops with reflect padding and flips
+    (fine-tuning adds RandAugment / RandomErasing when asked); evaluation has no center-crop margin."""
     if kind not in TRANSFORM_KINDS:
         raise ValueError(f"unknown transform kind '{kind}': expected one of {TRANSFORM_KINDS}")
     info, size = dataset_info(args), int(args.input_size)
@@ -76,13 +74,12 @@ def build_transform(kind: str, args):
         return CropFlipNormalize(size, (0.08, 1.0), info.mean, info.std, crop=SingleDrawRandomResizedCrop)
     if kind == "finetune":
         return _allow_zero_bit_posterize(_timm_finetune_transform(size, info, args))
-    crop_pct = EVAL_CROP_PCT if size <= 224 else 1.0
+    crop_pct = 224 / 256 if size <= 224 else 1.0  # the original's evaluation margin up to 224 px; none above
     return transforms.Compose([transforms.Resize(int(size / crop_pct), interpolation=BICUBIC),
                                transforms.CenterCrop(size)] + to_tensor)
 
 
 def _timm_finetune_transform(size, info, args, separate=False):
-    """timm's training recipe: RandAugment (``--aa``; colour jitter without it), then RandomErasing (``--reprob``)."""
     policy = getattr(args, "aa", None)
     return create_transform(
         input_size=size, is_training=True, color_jitter=getattr(args, "color_jitter", None),
@@ -100,7 +97,6 @@ def posterize_allowing_zero_bits(img, bits_to_keep, **_):
 
 
 def _allow_zero_bit_posterize(transform):
-    """Swap timm's posterize for ``posterize_allowing_zero_bits`` in every augmentation op of ``transform``."""
     for step in getattr(transform, "transforms", []):  # ops: RandAugment, AugMix; policy: AutoAugment's sub-policies
         for op in list(getattr(step, "ops", [])) + [op for sub in getattr(step, "policy", []) for op in sub]:
             if getattr(op, "aug_fn", None) is auto_augment.posterize:
@@ -109,7 +105,6 @@ def _allow_zero_bit_posterize(transform):
 
 
 def load_rgb_image(path: str) -> Image.Image:
-    """Open an image file as RGB; a broken file becomes a UserError naming it."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
@@ -191,38 +186,24 @@ def build_dataset(split: str, args, transform=None):
         raise ValueError(f"unknown split '{split}': expected 'train' or 'val'")
     name = _dataset_name(args)
     transform = build_transform("eval", args) if transform is None else transform
+    loader = getattr(transform, "image_loader", load_rgb_image)
     if name == "imagefolder":
-        return _build_imagefolder(split, args, transform)
+        split_dir = os.path.join(_data_path(args), split)
+        hint = "expected class sub-folders with images (ImageFolder layout)"
+        if not os.path.isdir(split_dir):
+            raise UserError(f"no images found in {split_dir}: the directory does not exist; {hint}")
+        try:
+            return tv_datasets.ImageFolder(split_dir, transform, loader=loader)
+        except FileNotFoundError:  # torchvision's "no class folders" / "no images"
+            raise UserError(f"no images found in {split_dir}: {hint}") from None
     if name == "filelist":
         root = _data_path(args)
         list_file = getattr(args, f"{split}_list", None) or os.path.join(root, f"{split}.txt")
         paths, labels = zip(*parse_file_list(root, list_file))
         return LabelledImages(list(paths), labels, [str(i) for i in range(max(labels) + 1)],  # none if unlabelled
-                              getattr(transform, "image_loader", load_rgb_image), transform, source=list_file)
+                              loader, transform, source=list_file)
     if name == "fashion_mnist":
         return _build_fashion_mnist(split, args, transform)
-    return _build_cifar(name, split, args, transform)
-
-
-def _data_path(args) -> str:
-    data_path = getattr(args, "data_path", None)
-    if not data_path:
-        raise UserError(f"--data_path is required for --dataset {_dataset_name(args)}")
-    return os.fspath(data_path)
-
-
-def _build_imagefolder(split, args, transform):
-    split_dir = os.path.join(_data_path(args), split)
-    hint = "expected class sub-folders with images (ImageFolder layout)"
-    if not os.path.isdir(split_dir):
-        raise UserError(f"no images found in {split_dir}: the directory does not exist; {hint}")
-    try:
-        return tv_datasets.ImageFolder(split_dir, transform, loader=getattr(transform, "image_loader", load_rgb_image))
-    except FileNotFoundError:  # torchvision's "no class folders" / "no images"
-        raise UserError(f"no images found in {split_dir}: {hint}") from None
-
-
-def _build_cifar(name, split, args, transform):
     cifar_class = tv_datasets.CIFAR10 if name == "cifar10" else tv_datasets.CIFAR100
     root, download = _data_path(args), bool(getattr(args, "download", False))
     expected_dir = os.path.join(root, cifar_class.base_folder)
@@ -235,6 +216,13 @@ def _build_cifar(name, split, args, transform):
                         f"delete the folder and pass --download") from None
     except OSError as exc:  # network failure during the download
         raise UserError(f"downloading {name} into {root} failed: {exc}") from None
+
+
+def _data_path(args) -> str:
+    data_path = getattr(args, "data_path", None)
+    if not data_path:
+        raise UserError(f"--data_path is required for --dataset {_dataset_name(args)}")
+    return os.fspath(data_path)
 
 
 class LabelledImages(torch.utils.data.Dataset):
@@ -288,7 +276,6 @@ def parse_file_list(root: str, list_file: str) -> list[tuple[str, int]]:
 
 
 def read_idx(path: str, expected_ndim: int) -> np.ndarray:
-    """An idx file (optionally gzipped) of unsigned bytes as a numpy array."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()

@@ -1,7 +1,5 @@
-"""Figures of MAE pretraining: reconstruction grids and the loss curve. A grid has a row per image: original |
-masked input (removed patches grey) | reconstruction | reconstruction with the visible patches pasted back. A model
-with a non-pixel target (HOG, teacher features) reconstructs no image: original | masked input | heat map of the
-cosine similarity of prediction and target per removed patch."""
+"""Figures of MAE pretraining: the loss curve, and grids with a row per image: original | masked | reconstruction |
+the same with the visible patches pasted back; for HOG or teacher targets, a heat map of cos(pred, target) instead."""
 import json
 import math
 import os
@@ -17,22 +15,13 @@ from util import distributed
 from util.datasets import build_dataset, dataset_info
 from util.errors import UserError
 
-PIXEL_TITLES = ("original", "masked", "reconstruction", "+ visible patches")
-TARGET_TITLES = ("original", "masked", "cos(pred, target)")
 HEAT_MAP = "viridis"  # cosine similarity <= 0 dark purple, 1 yellow; never the grey of a removed patch
-PATCH_EPS = 1.0e-6  # the eps of MaskedAutoencoderViT.forward_target, or de-normalising would not invert it
-MIN_CELL = 96  # px: smaller images (28/32 px) are enlarged nearest-neighbour to at least this
 PAD = 2  # px of white around cells
-GREY = 0.5  # display value of removed patches
 
 
 def fixed_noise(n: int, num_patches: int, seed: int = 0) -> torch.Tensor:
     """Masking noise (N, L) from a private generator: the same masks on every call, the global RNG untouched."""
     return torch.rand(n, num_patches, generator=torch.Generator().manual_seed(seed))
-
-
-def to_display(imgs: torch.Tensor, mean, std) -> torch.Tensor:
-    return (imgs * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)).clamp(0.0, 1.0)
 
 
 def patch_map(values: torch.Tensor, model, size) -> torch.Tensor:
@@ -42,8 +31,7 @@ def patch_map(values: torch.Tensor, model, size) -> torch.Tensor:
 
 
 def run_model(model, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float, mean, std):
-    """The grid's columns for ``imgs`` masked by ``noise``, each (N, C, H, W) in [0, 1] on the CPU, and a caption
-    line. The model runs in eval mode without gradients; each module's mode is restored."""
+    """The grid's columns for ``imgs`` masked by ``noise``, each (N, C, H, W) in [0, 1] on the CPU, and a caption."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
@@ -55,9 +43,10 @@ def run_model(model, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float,
         for module, training in modes:
             module.training = training
     imgs, pred, mask = imgs.float().cpu(), pred.float().cpu(), mask.float().cpu()
-    original = to_display(imgs, mean, std)
+    mean, std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    original = (imgs * std + mean).clamp(0.0, 1.0)
     removed = patch_map(mask, model, imgs.shape[-2:]).bool()
-    masked = original.masked_fill(removed, GREY)
+    masked = original.masked_fill(removed, 0.5)  # grey
     line = f"mask ratio {mask_ratio:g}: {int(mask[0].sum())} of {mask.shape[1]} patches removed, loss {loss:.4f}"
     if target is not None:
         cosine = F.cosine_similarity(pred, target, dim=-1)
@@ -65,32 +54,30 @@ def run_model(model, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float,
         heat = torch.where(removed, patch_map(colours, model, imgs.shape[-2:]), original)
         mean_cosine = float((cosine * mask).sum() / mask.sum().clamp(min=1))
         return [original, masked, heat], f"{line}, mean cosine on removed patches {mean_cosine:.3f}"
-    if model.norm_pix_loss:  # the decoder predicts each patch normalised by its own mean/std: undo that
+    if model.norm_pix_loss:  # the decoder predicts each patch normalised by its mean/std (eps of forward_target)
         patches = model.patchify(imgs)
-        pred = pred * (patches.var(dim=-1, keepdim=True) + PATCH_EPS) ** 0.5 + patches.mean(dim=-1, keepdim=True)
-    reconstruction = to_display(model.unpatchify(pred), mean, std)
+        pred = pred * (patches.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
+    reconstruction = (model.unpatchify(pred) * std + mean).clamp(0.0, 1.0)
     return [original, masked, reconstruction, torch.where(removed, reconstruction, original)], line
 
 
 def draw(model, images, noise, ratios, mean, std, header: str, path=None) -> torch.Tensor:
     """The grid (3, H, W) in [0, 1] of ``images`` masked by ``noise`` at each mask ratio: a row per image and ratio.
-    With ``path``, also a PNG of it (one pixel per pixel) with column titles, a caption and, for several ratios,
-    row labels."""
+    With ``path``, also a PNG of it (pixel for pixel) with column titles, a caption and, for several ratios, labels."""
     blocks, lines = zip(*(run_model(model, images, noise, ratio, mean, std) for ratio in ratios))
-    caption = [header, *lines]
     cells = torch.stack([torch.cat(column).expand(-1, 3, -1, -1) for column in zip(*blocks)], dim=1)
-    scale = max(1, math.ceil(MIN_CELL / min(images.shape[-2:])))
+    scale = max(1, math.ceil(96 / min(images.shape[-2:])))  # small images (28/32 px) enlarged to 96 px or more
     cells = F.interpolate(cells.flatten(0, 1), scale_factor=scale, mode="nearest")
     image = make_grid(cells, nrow=len(blocks[0]), padding=PAD, pad_value=1.0)
     if not path:
         return image
-    titles = PIXEL_TITLES
+    titles, notes = ("original", "masked", "reconstruction", "+ visible patches"), []
     if model.target_fn is not None:
-        titles = TARGET_TITLES
-        caption += [f"target: {model.target_fn.describe()}; no image is reconstructed",
+        titles = ("original", "masked", "cos(pred, target)")
+        notes = [f"target: {model.target_fn.describe()}; no image is reconstructed",
                     f"heat map ({HEAT_MAP}): cosine similarity per removed patch, dark <= 0, yellow 1"]
     elif model.norm_pix_loss:
-        caption.append("norm_pix_loss: prediction de-normalised with each patch's mean/std")
+        notes = ["norm_pix_loss: prediction de-normalised with each patch's mean/std"]
     labels = [f"ratio {ratio:g}" for ratio in ratios for _ in images] if len(ratios) > 1 else []
     height, width = image.shape[1:]
     fig = Figure(figsize=(width / 100, height / 100), dpi=100)
@@ -99,7 +86,7 @@ def draw(model, images, noise, ratios, mean, std, header: str, path=None) -> tor
     ax.set_xticks([PAD / 2 + (i + 0.5) * (width - PAD) / len(titles) for i in range(len(titles))], titles)
     ax.set_yticks([PAD / 2 + (i + 0.5) * (height - PAD) / len(labels) for i in range(len(labels))], labels)
     ax.tick_params(length=0, labelsize=8, labeltop=True, labelbottom=False)
-    ax.set_title("\n".join(caption), fontsize=8, loc="left")
+    ax.set_title("\n".join([header, *lines, *notes]), fontsize=8, loc="left")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, bbox_inches="tight", pad_inches=0.05)
     return image

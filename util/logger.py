@@ -3,6 +3,7 @@ them back only to print, so logging does not synchronise the host with the GPU e
 import datetime
 import json
 import os
+import statistics
 import time
 from collections import deque
 
@@ -27,19 +28,11 @@ class Meter:
 
     @property
     def median(self) -> float:
-        values = sorted(float(v) for v in self.window)
-        return values[len(values) // 2] if values else float("nan")
+        return statistics.median_high(float(v) for v in self.window) if self.window else float("nan")
 
     @property
     def global_avg(self) -> float:
         return float(self.total) / max(self.count, 1)
-
-    def synchronize_between_processes(self):
-        if not distributed.is_dist():  # else global_avg is already the mean over all processes
-            return
-        t = torch.tensor([float(self.total), self.count], dtype=torch.double, device=distributed.collective_device())
-        distributed.all_reduce_sum_(t)
-        self.total, self.count = t[0].item(), int(t[1].item())
 
     def __str__(self):
         return self.fmt.format(median=self.median, global_avg=self.global_avg)
@@ -63,8 +56,12 @@ class MetricLogger:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
     def synchronize_between_processes(self):
-        for meter in self.meters.values():
-            meter.synchronize_between_processes()
+        if distributed.is_dist():  # else each global_avg is already the mean over all processes
+            t = torch.tensor([[float(m.total), m.count] for m in self.meters.values()], dtype=torch.double,
+                             device=distributed.collective_device())
+            distributed.all_reduce_sum_(t)
+            for meter, (total, count) in zip(self.meters.values(), t.tolist()):
+                meter.total, meter.count = total, int(count)
 
     def averages(self) -> dict:
         return {name: meter.global_avg for name, meter in self.meters.items()}
@@ -113,9 +110,7 @@ def final_test_accuracy(log_path) -> float:
 
 
 def tensorboard_writer(log_dir):
-    """A SummaryWriter on rank 0, None elsewhere or when ``log_dir`` is empty."""
     if not log_dir or not distributed.is_main_process():
         return None
-    from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
-    os.makedirs(log_dir, exist_ok=True)
+    from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import; it makes log_dir
     return SummaryWriter(log_dir=log_dir)

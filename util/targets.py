@@ -8,8 +8,7 @@
   resampled to the student's patch grid, LayerNorm without affine. Smooth-L1 (MaskDistill) or 2 - 2 cos (MILAN).
 
 A generator is a plain object with ``dim`` (values per patch) and ``loss``, held by the model through
-``MaskedAutoencoderViT.set_target``; being no ``nn.Module`` of the student, a teacher is never in its checkpoints,
-optimizer or DDP wrapper.
+``MaskedAutoencoderViT.set_target``: no ``nn.Module`` of the student, so never in its checkpoints, optimizer or DDP.
 """
 from __future__ import annotations
 
@@ -34,14 +33,9 @@ UNUSED_TEACHER_PREFIXES = ("head.", "norm.", "fc_norm.", "head_drop.")
 TEACHER_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_pretrained", "teacher_input_size", "target_loss")
 
 
-# ------------------------------------------------------------------ HOG
 def default_hog_cell(patch: int) -> int:
     """MaskFeat's 2 x 2 cells per patch (8 px for 16-px patches); a whole odd patch as one cell."""
     return patch // 2 if patch % 2 == 0 else patch
-
-
-def hog_dim(patch: int, cell: int, in_chans: int) -> int:
-    return (patch // cell) ** 2 * in_chans * HOG_BINS
 
 
 def sobel_gradients(imgs: torch.Tensor):
@@ -88,7 +82,7 @@ class HOGTarget:
         if cell <= 0 or patch % cell:
             raise UserError(f"--hog_cell {cell} must divide the patch size {patch} (e.g. {default_hog_cell(patch)})")
         self.patch, self.cell, self.in_chans = patch, cell, in_chans
-        self.dim = hog_dim(patch, cell, in_chans)
+        self.dim = (patch // cell) ** 2 * in_chans * HOG_BINS
 
     def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
         n, c, h, w = imgs.shape
@@ -105,7 +99,6 @@ class HOGTarget:
         return f"HOG, {self.cell}-px cells, {self.dim} values per patch"
 
 
-# ------------------------------------------------------------------ teacher
 def _first_conv_channels(model: torch.nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
@@ -122,7 +115,7 @@ def _stats_for(values, channels: int, what: str):
 
 
 def _create_teacher(name: str, img_size: int, pretrained: bool, in_chans: int | None) -> torch.nn.Module:
-    kwargs = dict(num_classes=0, img_size=img_size, pretrained=pretrained, **({"in_chans": in_chans} if in_chans else {}))
+    kwargs = dict(num_classes=0, img_size=img_size, pretrained=pretrained, **{"in_chans": in_chans} if in_chans else {})
     if name in timm.list_models(module="models_vit"):
         kwargs["global_pool"] = False  # the MAE layout: class token, final norm (unused, but its keys load)
     try:
@@ -130,10 +123,8 @@ def _create_teacher(name: str, img_size: int, pretrained: bool, in_chans: int | 
             return build_model(name, **kwargs)
         except TypeError:  # a convolutional network takes any size and has no img_size argument
             return build_model(name, **{k: v for k, v in kwargs.items() if k != "img_size"})
-    except (UserError, TypeError):
-        raise
-    except Exception as e:  # only a hub download gets here: no network, no such weights, no permission
-        if not pretrained:
+    except Exception as e:  # else only a hub download fails here: no network, no such weights, no permission
+        if isinstance(e, (UserError, TypeError)) or not pretrained:
             raise
         raise UserError(f"cannot download timm's weights for the teacher {name} (offline? pass --teacher_checkpoint "
                         f"FILE instead): {one_line(e)}") from None
@@ -168,21 +159,20 @@ def load_teacher(model_name, checkpoint, pretrained: bool, img_size: int):
         fit_state_dict(teacher, state, checkpoint, may_miss=UNUSED_TEACHER_PREFIXES, may_ignore=("",), adapt=False,
                        name=f"the teacher {name}")
     if saved.get("dataset"):  # one of ours: trained on its dataset's normalisation
-        info = dataset_info(argparse.Namespace(dataset=saved["dataset"]))
-        mean, std = info.mean, info.std
+        mean, std = dataset_info(argparse.Namespace(dataset=saved["dataset"]))[:2]
     else:
         cfg = getattr(teacher, "pretrained_cfg", None) or {}
         mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
     channels = _first_conv_channels(teacher)
     label = name + (f" (encoder of {model_name})" if name != model_name else "") + f" from {checkpoint or 'timm hub'}"
-    return teacher, _stats_for(mean, channels, f"teacher {name}'s mean"), _stats_for(std, channels, f"teacher {name}'s std"), label
+    mean, std = (_stats_for(v, channels, f"teacher {name}'s {what}") for what, v in (("mean", mean), ("std", std)))
+    return teacher, mean, std, label
 
 
 class TeacherTarget:
-    """Normalised images (N, C, H, W) -> LayerNorm-ed teacher features per student patch (N, L, dim).
-
-    The images are re-normalised with the teacher's statistics (grey repeated to its channels) and resized to
-    ``input_size``; the teacher runs in eval mode without gradients, under the caller's autocast."""
+    """Normalised images (N, C, H, W) -> LayerNorm-ed teacher features per student patch (N, L, dim). The images are
+    re-normalised with the teacher's statistics (grey repeated to its channels) and resized to ``input_size``; the
+    teacher runs in eval mode without gradients, under the caller's autocast."""
 
     name = "teacher"
 
@@ -197,10 +187,8 @@ class TeacherTarget:
         self.loss, self.layer, self.label = loss, layer, label
         self.input_size, self.grid = int(input_size), tuple(grid)
         self.channels = _first_conv_channels(teacher)
-        self.data_mean = torch.tensor(data_mean, device=device).view(1, -1, 1, 1)
-        self.data_std = torch.tensor(data_std, device=device).view(1, -1, 1, 1)
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.data_mean, self.data_std, self.mean, self.std = (
+            torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (data_mean, data_std, mean, std))
         if self.data_mean.shape[1] not in (1, self.channels) and self.channels != 1:
             raise UserError(f"the teacher takes {self.channels}-channel images, the data has "
                              f"{self.data_mean.shape[1]} channels")
@@ -240,10 +228,8 @@ class TeacherTarget:
         return f"teacher {self.label}, {block}, {self.dim} features per patch, {self.loss} loss"
 
 
-# ------------------------------------------------------------------ from the command line
 def target_name(args) -> str:
-    """The target that ``--target`` / ``--norm_pix_loss`` ask for, after checking that the target's other flags
-    apply to it."""
+    """The target that ``--target`` / ``--norm_pix_loss`` ask for, once its other flags are checked to apply to it."""
     target = args.target
     if args.norm_pix_loss:  # the original's spelling of norm_pixel
         if target not in (None, "norm_pixel"):
@@ -278,7 +264,7 @@ def build_target(settings: dict, student, data_mean, data_std, device="cpu"):
         teacher, mean, std, label = load_teacher(settings.get("teacher_model"), settings.get("teacher_checkpoint"),
                                                  bool(settings.get("teacher_pretrained")), input_size)
         layer = settings.get("teacher_layer")
-        return TeacherTarget(teacher, mean=mean, std=std, data_mean=data_mean, data_std=data_std,
-                             input_size=input_size, grid=patch_embed.grid_size, layer=-1 if layer is None else int(layer),
+        return TeacherTarget(teacher, mean=mean, std=std, data_mean=data_mean, data_std=data_std, input_size=input_size,
+                             grid=patch_embed.grid_size, layer=-1 if layer is None else int(layer),
                              loss=settings.get("target_loss") or "smooth_l1", label=label, device=device)
     raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
