@@ -2,10 +2,9 @@
 
     python demo.py                       # what `make demo` runs: Fashion-MNIST, about 10 minutes on 2 CPU cores
 
-Stages: MAE pretraining of ``mae_vit_micro_patch4`` (figures in ``pretrain/vis/``, ``pretrain/loss_curve.png``),
-then a linear probe and a fine-tuning of its encoder and, on the same budget, of the same encoder from random init;
-the four test accuracies (final epoch, Fashion-MNIST's test set) go to a table, ``results.md`` and ``results.json``.
-Each stage is the package's own program, run with a printed command line: rerun or scale it up by hand."""
+Stages: MAE pretraining of ``mae_vit_micro_patch4`` (figures in ``pretrain/``), then a linear probe and a fine-tuning
+of its encoder and, on the same budget, of the same encoder from random init; the four final test accuracies go to
+``results.md`` and ``results.json``. Each stage is one of the package's programs, run with a printed command line."""
 import json
 import os
 import shlex
@@ -83,14 +82,6 @@ def stage_commands(args) -> dict:
     return stages
 
 
-def results_table(acc: dict) -> str:
-    lines = ["| encoder | linear probe | fine-tune |", "|---|---:|---:|"]
-    for label, key in (("MAE pretrained", "pretrained"), ("random init", "random")):
-        if "linprobe_" + key in acc:
-            lines.append(f"| {label} | {acc['linprobe_' + key]:.2f} % | {acc['finetune_' + key]:.2f} % |")
-    return "\n".join(lines)
-
-
 def main(args):
     seconds, accuracy = {}, {}
     for name, (program, argv) in stage_commands(args).items():
@@ -102,7 +93,11 @@ def main(args):
             accuracy[name] = final_test_accuracy(os.path.join(args.output_dir, name, "log.txt"))
         print(f"=== {name}: {seconds[name]:.0f} s", flush=True)
 
-    table = results_table(accuracy)
+    rows = ["| encoder | linear probe | fine-tune |", "|---|---:|---:|"]
+    for label, key in (("MAE pretrained", "pretrained"), ("random init", "random")):
+        if "linprobe_" + key in accuracy:
+            rows.append(f"| {label} | {accuracy['linprobe_' + key]:.2f} % | {accuracy['finetune_' + key]:.2f} % |")
+    table = "\n".join(rows)
     summary = (f"Fashion-MNIST test top-1 after {args.probe_epochs} probe / {args.finetune_epochs} fine-tuning "
                f"epoch(s) on {args.downstream_images or 'all'} images; encoder {args.model} pretrained for "
                f"{args.pretrain_epochs} epoch(s) on {args.pretrain_images or 'all'} images ({args.target} target); "

@@ -38,9 +38,8 @@ def get_args_parser():
     g.add_argument("--trainable_blocks", type=int, default=None, metavar="K",
                    help="partial fine-tuning: train only the last K blocks, the final norm and the head")
     g = parser.add_argument_group("augmentation")
-    g.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
-                   help="color jitter factor (used only without --aa)")
-    g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
+    g.add_argument("--color_jitter", type=float, metavar="PCT", help="color jitter factor (used only without --aa)")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", metavar="NAME",
                    help='AutoAugment policy, e.g. "rand-m9-mstd0.5-inc1"; "none" to disable')
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erase probability")
@@ -49,27 +48,23 @@ def get_args_parser():
     g.add_argument("--resplit", action="store_true", default=False, help="ignored; kept for the original command lines")
     g.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0")
     g.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0")
-    g.add_argument("--cutmix_minmax", type=float, nargs="+", default=None, help="cutmix min/max ratio (overrides alpha)")
+    g.add_argument("--cutmix_minmax", type=float, nargs="+", help="cutmix min/max ratio (overrides alpha)")
     g.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
     g.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of cutmix instead of mixup")
     g.add_argument("--mixup_mode", type=str, default="batch", choices=("batch", "pair", "elem"))
-    parser.set_defaults(model="vit_large_patch16", epochs=50, blr=1e-3, min_lr=1e-6, warmup_epochs=5,
-                        weight_decay=0.05)
+    parser.set_defaults(model="vit_large_patch16", epochs=50, blr=1e-3, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05)
     return parser
 
 
 def freeze_all_but_last_blocks(model, k):
-    """Partial fine-tuning: only the last ``k`` blocks, the norms after them and the head learn; the frozen
-    blocks lose their drop path (they are not trained, so they compute as in evaluation)."""
+    """Only the last ``k`` blocks, the norms after them and the head learn; frozen blocks compute as in evaluation."""
     if not 0 <= k <= len(model.blocks):
         raise UserError(f"--trainable_blocks must be between 0 and {len(model.blocks)}, got {k}")
-    frozen = [model.patch_embed, *model.blocks[:len(model.blocks) - k]]
-    for module in frozen:
-        module.requires_grad_(False)
-    for block in frozen[1:]:
+    frozen = model.blocks[:len(model.blocks) - k]
+    for part in (model.cls_token, model.pos_embed, model.patch_embed, *frozen):
+        part.requires_grad_(False)
+    for block in frozen:
         block.drop_path1 = block.drop_path2 = torch.nn.Identity()
-    model.cls_token.requires_grad_(False)
-    model.pos_embed.requires_grad_(False)
 
 
 def main(args):

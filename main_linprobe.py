@@ -5,8 +5,7 @@
 
 The head is BatchNorm1d (no affine, eps 1e-6) + Linear, trained with LARS; the encoder is frozen (it has no dropout,
 so training mode changes nothing in it). ``--cache_features`` encodes the un-augmented images once and trains the same
-head with the same optimizer and schedule on the cached features (benchmarks/bench_linprobe.py measures it).
-"""
+head with the same optimizer and schedule on the cached features (benchmarks/bench_linprobe.py measures it)."""
 from __future__ import annotations
 
 import argparse
@@ -35,12 +34,10 @@ def get_args_parser():
     add_classifier_args(parser, global_pool_default=False)
     parser.set_defaults(model="vit_large_patch16", batch_size=512, epochs=90, blr=0.1, weight_decay=0.0, min_lr=0.0,
                         warmup_epochs=10)
-    parser.add_argument("--cache_features", action="store_true",
-                        help="run the frozen encoder once over the un-augmented train and val images and train the "
-                             "head on the cached features (much faster epochs; no training augmentation)")
-    parser.add_argument("--no_train_augmentation", action="store_true",
-                        help="train the head on the evaluation transform (no random crop or flip), the images "
-                             "--cache_features encodes: the standard probe that the cached one reproduces")
+    parser.add_argument("--cache_features", action="store_true", help="encode the un-augmented train and val images "
+                        "once and train the head on the cached features (much faster epochs; no training augmentation)")
+    parser.add_argument("--no_train_augmentation", action="store_true", help="train the head on the evaluation "
+                        "transform (no random crop or flip), which --cache_features encodes: the probe it reproduces")
     parser.epilog = ("The head is trained with timm's Lars (trust coefficient 0.001, momentum 0.9). With the default "
                      "--weight_decay 0 it is the original's LARS; with weight decay it differs slightly: timm "
                      "divides by |g| + wd|w| where the original divided by |g + wd*w|.")
@@ -49,8 +46,7 @@ def get_args_parser():
 
 @torch.no_grad()
 def extract_features(model, dataset, args, device):
-    """The head's input (pooled encoder features) and the label of every image of ``dataset``, in order, on the CPU.
-    Each process encodes its share; the shares are gathered, so all hold everything."""
+    """The head's input (pooled features) and label of every image of ``dataset``, in order, on every rank's CPU."""
     loader = build_loader(dataset, args, train=False, shard_eval=True)  # rank r: images r, r + world, ...
     model.eval()
     features, labels = [], []
@@ -92,12 +88,10 @@ def cached_feature_loaders(model, args, device):
 
 
 def lars_param_groups(head, weight_decay):
-    """The original's LARS rule: weights are decayed and trust-ratio adapted (``always_adapt``), 1-D parameters
-    neither."""
-    matrices = [p for p in head.parameters() if p.requires_grad and p.ndim > 1]
-    vectors = [p for p in head.parameters() if p.requires_grad and p.ndim <= 1]
-    return [dict(params=matrices, weight_decay=weight_decay, always_adapt=True),
-            dict(params=vectors, weight_decay=0.0, always_adapt=False)]
+    """The original's LARS rule: weights decayed and trust-ratio adapted (``always_adapt``), 1-D parameters neither."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay, always_adapt=True),
+            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0, always_adapt=False)]
 
 
 def main(args):
@@ -115,9 +109,8 @@ def main(args):
     if args.finetune and not args.eval:
         load_pretrained(model, args.finetune, head_init_std=0.01)
     model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
-    # Only the head learns. With --global_pool the patch-token mean passes through fc_norm, a LayerNorm left at
-    # its initial affine (1, 0) as in the original: the BatchNorm right after it cancels any per-feature scale
-    # and shift, so training that affine would get exactly zero gradient.
+    # Only the head learns. With --global_pool, fc_norm keeps its initial affine (1, 0) as in the original: the
+    # BatchNorm right after it cancels any per-feature scale and shift, so that affine would get zero gradient.
     model.requires_grad_(False)
     model.head.requires_grad_(True)
     print(f"model {args.model}: {count_parameters(model) / 1e6:.3f}M trainable parameters "
@@ -140,7 +133,6 @@ def main(args):
         model_ddp = wrap_model(model.head, args, device)  # the only part that runs from now on
 
     log_writer = tensorboard_writer(args.log_dir)
-    criterion = torch.nn.CrossEntropyLoss()
     print(f"start training for {args.epochs} epochs ({args.amp} precision)")
     start_time = time.time()
     step, max_accuracy = start.step, start.max_accuracy
@@ -148,7 +140,7 @@ def main(args):
         epoch_start = time.time()
         data_loader_train.sampler.set_epoch(epoch, start_index=step * args.batch_size)
         train_stats = train_one_epoch(model_ddp, data_loader_train, optimizer, device, epoch, updater, args,
-                                      log_writer=log_writer, criterion=criterion, start_step=step,
+                                      log_writer=log_writer, criterion=torch.nn.CrossEntropyLoss(), start_step=step,
                                       max_accuracy=max_accuracy)
         step = 0
         test_stats = evaluate(data_loader_val, model_ddp, device, args)

@@ -1,11 +1,8 @@
 """Masked autoencoder with a Vision Transformer backbone (He et al., "Masked Autoencoders Are Scalable Vision
 Learners"): the encoder sees only the visible patches; a light decoder gets them plus a shared mask token per removed
 patch and predicts every patch; the loss counts the removed patches only. Names and shapes are the original's, so
-its released checkpoints load with ``strict=True``. The decoder regresses pixels (``norm_pix_loss``: normalised per
-patch) unless :meth:`MaskedAutoencoderViT.set_target` attaches another target (``util/targets.py``).
-
-Importing this module registers the ``mae_vit_*`` models in timm: ``timm.create_model("mae_vit_base_patch16")``.
-"""
+its released checkpoints load with ``strict=True``. The decoder regresses pixels unless ``set_target`` attaches
+another target (``util/targets.py``). Importing this module registers the ``mae_vit_*`` models in timm."""
 from __future__ import annotations
 
 from functools import partial
@@ -94,7 +91,6 @@ class MaskedAutoencoderViT(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable=True):
-        """timm's spelling of the ``grad_ckpt`` option."""
         self.grad_ckpt = enable
 
     @property
@@ -121,11 +117,8 @@ class MaskedAutoencoderViT(nn.Module):
         return x.reshape(x.shape[0], c, gh * p, gw * q)
 
     def random_masking(self, x, mask_ratio, noise=None):
-        """Per-sample random masking: keep the ``int(L * (1 - mask_ratio))`` patches with the smallest noise.
-
-        x: (N, L, D); noise: (N, L) in [0, 1), drawn uniformly when None (pass it to reproduce a mask).
-        Returns the kept tokens, the binary mask (N, L; 0 keep, 1 remove) and ``ids_restore``, which un-shuffles.
-        """
+        """Keep the ``int(L * (1 - mask_ratio))`` patches of x (N, L, D) with the smallest noise (N, L), uniform unless
+        given. Returns the kept tokens, the mask (N, L; 0 keep, 1 remove) and ``ids_restore``, which un-shuffles."""
         n, length, dim = x.shape
         len_keep = int(length * (1 - mask_ratio))
         if noise is None:
@@ -169,9 +162,7 @@ class MaskedAutoencoderViT(nn.Module):
             return self.target_fn(imgs)
         target = self.patchify(imgs)
         if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+            target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
         return target
 
     def forward_loss(self, imgs, pred, mask):
@@ -194,7 +185,6 @@ class MaskedAutoencoderViT(nn.Module):
         return loss, pred, mask
 
 
-# ---------------------------------------------------------------- constructors
 DECODER_512D8B = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # the original's decoder
 DECODER_256D4B = dict(decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8)
 

@@ -51,11 +51,10 @@ def collect_image_paths(specs, max_images: int = 0) -> list:
     paths = []
     for spec in specs:
         if os.path.isdir(spec):
-            found = sorted(os.path.join(spec, name) for name in os.listdir(spec)
-                           if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(spec, name)))
+            found = sorted(e.path for e in os.scandir(spec) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
             if not found:
-                folders = sorted(n for n in os.listdir(spec) if os.path.isdir(os.path.join(spec, n)))
-                hint = f"; it has sub-folders: pass those, e.g. {os.path.join(spec, folders[0])}" if folders else ""
+                folders = sorted(e.path for e in os.scandir(spec) if e.is_dir())
+                hint = f"; it has sub-folders: pass those, e.g. {folders[0]}" if folders else ""
                 raise UserError(f"no images found in {spec} (looked for .jpg, .png, ... files directly inside){hint}")
             paths += found
         elif os.path.isfile(spec):
@@ -81,11 +80,10 @@ def main(args):
     paths = collect_image_paths(args.images, args.max_images)  # before the (slow) checkpoint load
 
     checkpoint = load_checkpoint_file(args.checkpoint)
-    state = model_state_dict(checkpoint, args.checkpoint)
+    state, saved = model_state_dict(checkpoint, args.checkpoint), saved_args(checkpoint)
     if not any(key.startswith("decoder_") for key in state):
         raise UserError(f"{args.checkpoint} has no decoder weights (encoder-only or fine-tuned); use a checkpoint "
                         f"of main_pretrain.py or a released mae_visualize_vit_*.pth / *_full.pth")
-    saved = saved_args(checkpoint)
     model_name = resolve_setting("model", args.model, saved, None)
     if not model_name:
         raise UserError(f"{args.checkpoint} holds no training arguments naming its model; pass --model "
