@@ -25,7 +25,6 @@ def default_device() -> str:
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Flags every program has (training length, optimisation, data, output, distributed, precision)."""
     g = parser.add_argument_group("training")
     g.add_argument("--batch_size", default=64, type=int,
                    help="batch size per process; effective batch = batch_size x accum_iter x world size")
@@ -43,15 +42,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: none)")
 
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="imagefolder", choices=DATASETS,
-                   help="imagefolder: DATA_PATH/{train,val}/CLASS/*; cifar10/cifar100: torchvision's on-disk format; "
-                        "filelist: DATA_PATH + --train_list/--val_list; fashion_mnist: raw idx files")
+    g.add_argument("--dataset", default="imagefolder", choices=DATASETS, help="imagefolder: DATA_PATH/{train,val}/"
+                   "CLASS/*; cifar*: torchvision's files; filelist: --train_list/--val_list; fashion_mnist: idx files")
     g.add_argument("--data_path", default=None, type=str, help="dataset root")
     g.add_argument("--train_list", default=None, help="filelist: list of training images (default DATA_PATH/train.txt)")
     g.add_argument("--val_list", default=None, help="filelist: list of validation images (default DATA_PATH/val.txt)")
     g.add_argument("--download", action="store_true", help="download cifar10/100 or fashion_mnist when online")
-    g.add_argument("--max_train_images", default=0, type=int, metavar="N",
-                   help="train on the first N images of the training split only (0: all); for quick runs")
+    g.add_argument("--max_train_images", default=0, type=int, metavar="N", help="first N training images only (0: all)")
     g.add_argument("--num_workers", default=10, type=int)
     g.add_argument("--pin_mem", action="store_true", default=True, help="pin CPU memory in the DataLoader (default)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
@@ -72,8 +69,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("device, precision, distributed")
     g.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when available)")
     g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--amp", default=None, choices=AMP_CHOICES,
-                   help="mixed precision (default: bf16 on GPUs that support it, none on CPU)")
+    g.add_argument("--amp", choices=AMP_CHOICES, help="mixed precision (default: bf16 on supporting GPUs, none on CPU)")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing: recompute the blocks' "
                    "activations in the backward pass instead of storing them (less memory, ~1/3 more compute)")
@@ -96,11 +92,9 @@ def add_classifier_args(parser: argparse.ArgumentParser, global_pool_default: bo
     """Flags shared by fine-tuning and linear probing."""
     g = parser.add_argument_group("classifier")
     g.add_argument("--finetune", default="", help="start from these pretrained weights (ours or the released files)")
-    g.add_argument("--global_pool", action="store_true", dest="global_pool",
-                   help="classify the mean of the patch tokens (after fc_norm)")
+    g.add_argument("--global_pool", action="store_true", help="classify the mean of the patch tokens (after fc_norm)")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify the class token")
     parser.set_defaults(global_pool=global_pool_default)
     g.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: the data set's)")
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
-    g.add_argument("--dist_eval", action="store_true",
-                   help="shard evaluation over the processes (faster; pads the set to a multiple of them)")
+    g.add_argument("--dist_eval", action="store_true", help="shard evaluation over processes (faster; pads the set)")

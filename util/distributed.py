@@ -1,10 +1,8 @@
 """One distributed code path for a single process, torchrun (single and multi-node) and SLURM tasks.
 
-torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; SLURM tasks (``srun``, submitit) have ``SLURM_PROCID``,
-``SLURM_NTASKS`` and ``SLURM_LOCALID``, and meet on the job's first node at a port derived from the job id (no
-shared file needed); otherwise there is one process and no process group. nccl on CUDA, gloo on CPU. Only rank 0
-prints (``print(..., force=True)`` prints from any rank).
-"""
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; SLURM tasks (srun, submitit) have SLURM_PROCID, SLURM_NTASKS and
+SLURM_LOCALID and meet on the job's first node at a port derived from the job id (no shared file needed); otherwise
+one process, no process group. nccl on CUDA, gloo on CPU. Only rank 0 prints (``print(..., force=True)``: any rank)."""
 from __future__ import annotations
 
 import builtins
@@ -39,8 +37,7 @@ def slurm_master_addr() -> str:
 
 
 def init_distributed_mode(args) -> None:
-    """Set ``args.rank``, ``args.world_size``, ``args.gpu`` (local rank) and ``args.distributed``; start the
-    process group when there is more than one process."""
+    """Set ``args.rank``, ``world_size``, ``gpu`` (local rank) and ``distributed``; start a process group if several."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun
         args.rank, args.world_size, args.gpu = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
@@ -94,6 +91,4 @@ def all_gather_object(obj) -> list:
 
 def collective_device() -> torch.device:
     """Where tensors must live for a collective (nccl: this GPU; gloo: CPU)."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -1,8 +1,7 @@
 """The SLURM launcher (submitit) behind submitit_{pretrain,finetune,linprobe}.py: the program's flags plus SLURM's.
 
-Every task runs the program's ``main(args)`` with ``output_dir = log_dir = JOB_DIR`` and ``auto_resume`` on. On USR2
-(preemption, or near the time limit) submitit's handler on rank 0 requeues the job, saving nothing: every start
-resumes from ``JOB_DIR/checkpoint-last.pth``, written atomically every epoch (and every ``--save_every_iters``)."""
+Every task runs ``main(args)`` with ``output_dir = log_dir = JOB_DIR`` and ``auto_resume`` on. On USR2 (preemption,
+or near the time limit) rank 0 requeues the job, saving nothing: every start resumes from checkpoint-last.pth."""
 from __future__ import annotations
 
 import copy
@@ -82,16 +81,16 @@ def resolve_args(args) -> None:
         args.constraint = ",".join(filter(None, [args.constraint, "volta32gb"]))
     if args.mem_gb is None and args.ngpus:
         args.mem_gb = MEM_GB_PER_GPU * args.ngpus
-    # sbatch and the job may run elsewhere: the job dir must not depend on their working directory
-    args.job_dir = os.path.abspath(os.path.expanduser(args.job_dir))
+    args.job_dir = os.path.abspath(os.path.expanduser(args.job_dir))  # sbatch and the job may run elsewhere
     args.output_dir = args.log_dir = args.job_dir  # '%j' is resolved in the job (Trainer)
     args.auto_resume = True
 
 
-def slurm_parameters(program: str, args) -> dict:
-    """sbatch parameters, by the names of submitit's SlurmExecutor."""
+def submit(program: str, args):
+    """Submit ``program.main(args)`` (or print its sbatch parameters with --dry_run); returns the submitit job."""
+    resolve_args(args)
     mem = args.mem_gb
-    params = dict(
+    params = dict(  # sbatch parameters, by the names of submitit's SlurmExecutor
         job_name=f"mae_{program.removeprefix('main_')}", time=args.timeout, nodes=args.nodes,
         ntasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, gpus_per_node=args.ngpus or None,
         mem=None if mem is None else f"{int(mem)}GB" if mem == int(mem) else f"{int(mem * 1024)}MB",
@@ -100,13 +99,7 @@ def slurm_parameters(program: str, args) -> dict:
         # the job unpickles util.launcher.Trainer and imports main_*, whatever its working directory
         setup=[f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"],
     )
-    return {k: v for k, v in params.items() if v is not None}
-
-
-def submit(program: str, args):
-    """Submit ``program.main(args)`` (or print its sbatch parameters with --dry_run); returns the submitit job."""
-    resolve_args(args)
-    params = slurm_parameters(program, args)
+    params = {k: v for k, v in params.items() if v is not None}
     if args.dry_run:  # submitit renders no sbatch script publicly: print its parameters, setup and command
         flags = {k: v for k, v in params.items() if k not in ("setup", "signal_delay_s")}
         flags["signal"] = f"{submitit.JobEnvironment.USR_SIG}@{SIGNAL_DELAY_S}"
@@ -149,7 +142,14 @@ class Trainer:
             args.resume = ""  # --resume only seeds the first run; later ones continue from their own checkpoint
         # SLURM signals every process of the step: a forked DataLoader worker must not requeue the job too
         os.register_at_fork(after_in_child=lambda: signal.signal(PREEMPT_SIGNAL, signal.SIG_IGN))
-        stop_signals = _note_stop_signals()
+        stop_signals = []  # those by which SLURM stops the job (USR2: preemption, time limit; TERM: requeue, cancel)
+        for signum in (PREEMPT_SIGNAL, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if callable(handler):  # not under submitit: leave the default behaviour alone
+                def note(num, frame, handler=handler):
+                    stop_signals.append(signal.Signals(num).name)
+                    handler(num, frame)
+                signal.signal(signum, note)
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus and "OMP_NUM_THREADS" not in os.environ:  # without cgroups, each task would use every core
             torch.set_num_threads(max(1, int(cpus)))
@@ -160,8 +160,7 @@ class Trainer:
         try:
             importlib.import_module(self.program).main(args)
         except Exception as e:
-            if stop_signals and job_env.global_rank != 0:
-                # rank 0 exited to requeue (or SLURM killed the tasks): a consequence, not an error to trace
+            if stop_signals and job_env.global_rank != 0:  # rank 0 exited to requeue, or SLURM killed the tasks
                 _say(f"task {job_env.global_rank}: stopped by SLURM ({stop_signals[0]} received; "
                      f"{one_line(e)[:300]}); a requeued job resumes from {last}")
                 os._exit(1)
@@ -170,8 +169,7 @@ class Trainer:
         return args.output_dir
 
     def checkpoint(self):
-        """Called by submitit on rank 0 on the preemption signal: the job to requeue. checkpoint-last.pth is already
-        on disk; saving here, in a signal handler while other ranks may sit in a collective, would not be safe."""
+        """submitit's requeue on USR2 (rank 0). checkpoint-last.pth is on disk: saving in a signal handler is unsafe."""
         return submitit.helpers.DelayedSubmission(type(self)(self.program, self.args))
 
 
@@ -180,19 +178,5 @@ def _say(line: str) -> None:
     sys.stderr.write(line + "\n")
 
 
-def _note_stop_signals() -> list:
-    """The list of signals by which SLURM stops the job (USR2: preemption, time limit; TERM: requeue, cancel)."""
-    received = []
-    for signum in (PREEMPT_SIGNAL, signal.SIGTERM):
-        handler = signal.getsignal(signum)
-        if callable(handler):  # not under submitit: leave the default behaviour alone
-            def note(num, frame, handler=handler):
-                received.append(signal.Signals(num).name)
-                handler(num, frame)
-            signal.signal(signum, note)
-    return received
-
-
 def launch(program: str, argv=None) -> None:
-    """Entry point of submitit_<program>.py: parse, submit, report; user errors as one line."""
     run(lambda args: submit(program, args), build_parser(program).parse_args(argv))
