@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -252,13 +253,16 @@ class Job:
         assert len(checkpoint["rng"]) == 2  # both ranks' random state
         assert (self.dir / f"{self.id}_0_result.pkl").is_file(), self.logs()
 
-    def hold_and(self, *command):
-        """Suspend the job (SIGSTOP to its tasks), run ``command`` on it, let it go on: however fast the machine,
-        the job cannot finish between the test seeing an epoch and the signal."""
+    def signal_held_tasks(self, signum):
+        """What ``scancel --signal`` does (the signal to every task process, not the batch shell), with the job
+        suspended meanwhile: however fast the machine, it cannot finish between the test seeing an epoch and the
+        signal. (scancel itself waits on a suspended job.)"""
         self.slurm("scontrol", "suspend", self.id)
-        self.slurm(*command)
-        if self.state()[0] == "SUSPENDED":
-            self.slurm("scontrol", "resume", self.id)
+        rows = [line.split() for line in self.slurm("scontrol", "listpids", self.id).stdout.splitlines()[1:]]
+        for row in rows:
+            if len(row) >= 3 and row[2] not in ("batch", "extern"):
+                os.kill(int(row[0]), signum)
+        self.slurm("scontrol", "resume", self.id)
 
     def check_same_training_as(self, reference):
         """The resumed run trained exactly as an uninterrupted one: the same loss every epoch, the same weights and
@@ -313,7 +317,7 @@ def submit_job(slurm_env, slurm_data, tmp_path):
         job.cancel()
 
 
-EPOCHS = 6
+EPOCHS = 12
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +344,7 @@ def test_two_task_cpu_pretraining_job(uninterrupted_job):
 def test_preempted_job_requeues_itself_and_resumes(submit_job, uninterrupted_job):
     job = submit_job(epochs=EPOCHS)
     logged_before = len(job.wait_for_epochs(1))
-    job.hold_and("scancel", "--signal=USR2", job.id)  # what SLURM sends on preemption / near the time limit
+    job.signal_held_tasks(signal.SIGUSR2)  # what SLURM sends on preemption / near the time limit
     job.requeue_released()
     job.wait_until_done()
     assert "this job is preempted" in job.stdout() and "Requeued job" in job.stdout(), job.logs()
@@ -352,7 +356,9 @@ def test_preempted_job_requeues_itself_and_resumes(submit_job, uninterrupted_job
 def test_job_requeued_by_slurm_resumes(submit_job, uninterrupted_job):
     job = submit_job(epochs=EPOCHS)
     logged_before = len(job.wait_for_epochs(1))
-    job.hold_and("scontrol", "requeue", job.id)  # the tasks are killed; no handler runs
+    # the tasks are killed; no handler runs. (A suspended job is not requeued, so unlike the signal above this is
+    # sent to a running job: its EPOCHS epochs leave the test time to send it.)
+    job.slurm("scontrol", "requeue", job.id)
     job.requeue_released()
     job.wait_until_done()
     assert "Requeued job" not in job.stdout()
