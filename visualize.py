@@ -19,7 +19,7 @@ from util.figures import draw, fixed_noise
 from util.runtime import build_model
 from util.targets import build_target
 
-IMAGE_EXTENSIONS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+IMAGE_EXTS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
 
 
 def get_args_parser():
@@ -51,7 +51,7 @@ def collect_image_paths(specs, max_images: int = 0) -> list:
     paths = []
     for spec in specs:
         if os.path.isdir(spec):
-            found = sorted(e.path for e in os.scandir(spec) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(e.path for e in os.scandir(spec) if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
             if not found:
                 folders = sorted(e.path for e in os.scandir(spec) if e.is_dir())
                 hint = f"; it has sub-folders: pass those, e.g. {folders[0]}" if folders else ""
