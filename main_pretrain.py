@@ -1,7 +1,7 @@
 """MAE pretraining: arguments, setup (distributed, data, model, optimizer, resume), then the epoch loop.
 
     python main_pretrain.py --model mae_vit_base_patch16 --norm_pix_loss --data_path /path/to/imagenet
-    python main_pretrain.py --target hog ...          (MaskFeat; --target teacher --teacher_checkpoint FILE: MaskDistill)
+    python main_pretrain.py --target hog ...          (MaskFeat; --target teacher --teacher_checkpoint F: MaskDistill)
     torchrun --nproc_per_node=8 main_pretrain.py ...  (one or several nodes; SLURM: submitit_pretrain.py)
 """
 from __future__ import annotations

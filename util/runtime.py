@@ -54,7 +54,8 @@ def wrap_model(model: torch.nn.Module, args, device: torch.device):
         model.set_grad_checkpointing(True)
     wrapped = model.to(device)
     if args.distributed:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         wrapped = torch.compile(wrapped)
     return wrapped
