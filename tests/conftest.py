@@ -1,4 +1,5 @@
 """Shared helpers: run a program as a user would (subprocess) or in-process, on tiny generated data."""
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,18 @@ def run_program(*argv, timeout=300, env=None):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_in_process(module, argv):
+    """``module.main`` (a program) on the command line ``argv``, in this process; returns its parsed arguments."""
+    args = module.get_args_parser().parse_args([str(a) for a in argv])
+    module.main(args)
+    return args
+
+
+def log_lines(output_dir):
+    """The JSON lines of a run's ``log.txt``."""
+    return [json.loads(line) for line in (Path(output_dir) / "log.txt").read_text().splitlines()]
 
 
 def tiny_pretrain_argv(data_path, output_dir, *extra):

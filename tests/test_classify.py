@@ -1,5 +1,4 @@
 """Fine-tuning and linear probing on tiny data: learning, frozen encoders, layer decay, LARS, eval, dist_eval."""
-import json
 import re
 
 import pytest
@@ -9,7 +8,8 @@ import main_finetune
 import main_linprobe
 import main_pretrain
 import models_vit  # noqa: F401
-from conftest import SUBPROCESS_TIMEOUT, StopProgram, run_program, stop_at_training, tiny_pretrain_argv, watch_training
+from conftest import (log_lines, run_in_process, run_program, stop_at_training,
+                      StopProgram, SUBPROCESS_TIMEOUT, tiny_pretrain_argv, watch_training)
 from util import lr_sched
 
 
@@ -19,20 +19,12 @@ def classifier_argv(data_path, output_dir, *extra):
             "--output_dir", str(output_dir), "--log_dir", str(output_dir), "--print_freq", "5", *map(str, extra)]
 
 
-def in_process(module, argv):
-    args = module.get_args_parser().parse_args(argv)
-    module.main(args)
-    return args
-
-
-def log_lines(output_dir):
-    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def pretrained(imagefolder, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
-    in_process(main_pretrain, tiny_pretrain_argv(imagefolder, out, "--epochs", "1"))
+    run_in_process(main_pretrain, tiny_pretrain_argv(imagefolder, out, "--epochs", "1"))
     return out / "checkpoint-last.pth"
 
 
@@ -42,7 +34,7 @@ def test_finetuning_from_a_pretraining_checkpoint_beats_chance(pretrained, tmp_p
     data = make_imagefolder(tmp_path / "data", per_class=32)  # 64 images: 4 steps of 16 per epoch
     out = tmp_path / "ft"
     seen = watch_training(monkeypatch, main_finetune)
-    in_process(main_finetune, classifier_argv(data, out, "--finetune", pretrained, "--epochs", "4", "--batch_size", "16",
+    run_in_process(main_finetune, classifier_argv(data, out, "--finetune", pretrained, "--epochs", "4", "--batch_size", "16",
                                               "--lr", "1e-3", "--warmup_epochs", "1", "--aa", "none",
                                               "--reprob", "0", "--smoothing", "0", "--drop_path", "0"))
     # training started from the checkpoint's encoder: every encoder tensor as saved, before the first update
@@ -77,7 +69,7 @@ def assert_only_the_linear_head_learned(probed, source, initial):
 def test_linear_probe_leaves_every_encoder_tensor_bit_identical(imagefolder, pretrained, tmp_path, monkeypatch):
     out = tmp_path / "lp"
     seen = watch_training(monkeypatch, main_linprobe)
-    in_process(main_linprobe, classifier_argv(imagefolder, out, "--finetune", pretrained, "--blr", "0.5"))
+    run_in_process(main_linprobe, classifier_argv(imagefolder, out, "--finetune", pretrained, "--blr", "0.5"))
     assert "test_acc1" in log_lines(out)[-1]
     source = torch.load(pretrained, weights_only=True)["model"]
     probed = torch.load(out / "checkpoint-last.pth", weights_only=True)["model"]
@@ -88,7 +80,7 @@ def test_linear_probe_leaves_every_encoder_tensor_bit_identical(imagefolder, pre
 def test_linear_probe_with_global_pool_learns_only_the_head(imagefolder, pretrained, tmp_path, monkeypatch):
     out = tmp_path / "lp_gp"
     seen = watch_training(monkeypatch, main_linprobe)
-    in_process(main_linprobe, classifier_argv(imagefolder, out, "--finetune", pretrained, "--global_pool", "--epochs", "1",
+    run_in_process(main_linprobe, classifier_argv(imagefolder, out, "--finetune", pretrained, "--global_pool", "--epochs", "1",
                                               "--warmup_epochs", "0", "--blr", "1.0"))
     probed = torch.load(out / "checkpoint-last.pth", weights_only=True)["model"]
     source = torch.load(pretrained, weights_only=True)["model"]
@@ -100,7 +92,7 @@ def test_linear_probe_with_global_pool_learns_only_the_head(imagefolder, pretrai
 
 def test_partial_finetuning_trains_only_the_last_blocks(imagefolder, pretrained, tmp_path):
     out = tmp_path / "partial"
-    in_process(main_finetune, classifier_argv(imagefolder, out, "--finetune", pretrained, "--trainable_blocks", "2",
+    run_in_process(main_finetune, classifier_argv(imagefolder, out, "--finetune", pretrained, "--trainable_blocks", "2",
                                               "--epochs", "1", "--blr", "1e-2", "--warmup_epochs", "0"))
     source = torch.load(pretrained, weights_only=True)["model"]
     tuned = torch.load(out / "checkpoint-last.pth", weights_only=True)["model"]
@@ -129,7 +121,7 @@ def test_layer_decay_reaches_each_parameter_update_as_main_finetune_builds_it(im
     as the update sees them: the original's layer ids, the final norm (--cls_token) and fc_norm/head at scale 1."""
     seen = stop_at_training(monkeypatch, main_finetune)
     with pytest.raises(StopProgram):
-        in_process(main_finetune, classifier_argv(imagefolder, tmp_path, pooling, "--lr", "1.0", "--warmup_epochs", "1",
+        run_in_process(main_finetune, classifier_argv(imagefolder, tmp_path, pooling, "--lr", "1.0", "--warmup_epochs", "1",
                                                   "--layer_decay", "0.75", "--weight_decay", "0.05"))
     model, optimizer, args = seen["model"], seen["optimizer"], seen["args"]
     names = dict(model.named_parameters())
@@ -195,7 +187,7 @@ def test_lars_param_groups_reproduce_the_original_lars():
 
 def test_eval_of_a_saved_finetuned_checkpoint_reproduces_its_logged_accuracy(imagefolder, pretrained, tmp_path):
     out = tmp_path / "ft"
-    in_process(main_finetune, classifier_argv(imagefolder, out, "--finetune", pretrained, "--epochs", "1",
+    run_in_process(main_finetune, classifier_argv(imagefolder, out, "--finetune", pretrained, "--epochs", "1",
                                               "--aa", "none", "--reprob", "0"))
     logged = log_lines(out)[-1]["test_acc1"]
     result = run_program("main_finetune.py", *classifier_argv(imagefolder, tmp_path / "eval", "--eval", "--resume",
@@ -217,7 +209,7 @@ def test_dist_eval_under_torchrun_two_processes(imagefolder, pretrained, tmp_pat
     assert len(lines) == 1
     # the sharded evaluation gives what one process evaluating the same checkpoint gives (16 images split evenly:
     # no padding, so exactly the same images are counted)
-    in_process(main_finetune, classifier_argv(imagefolder, tmp_path / "eval", "--eval", "--resume",
+    run_in_process(main_finetune, classifier_argv(imagefolder, tmp_path / "eval", "--eval", "--resume",
                                               out / "checkpoint-last.pth"))
     acc1, loss = re.search(r"\* Acc@1 ([\d.]+) Acc@5 [\d.]+ loss ([\d.]+) \(16 images\)", capsys.readouterr().out).groups()
     assert lines[0]["test_acc1"] == pytest.approx(float(acc1), abs=1e-9)  # a multiple of 6.25: printed exactly

@@ -1,5 +1,4 @@
 """main_pretrain.py end to end on tiny data: runs, torchrun, accumulation, exact resume, clear errors."""
-import json
 import os
 import re
 import shutil
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import main_pretrain
-from conftest import REPO, SUBPROCESS_TIMEOUT, run_program, tiny_pretrain_argv
+from conftest import log_lines, REPO, run_program, SUBPROCESS_TIMEOUT, tiny_pretrain_argv
 from engine import train_one_epoch
 from util.amp import GradientUpdater
 from util.datasets import build_dataset, build_transform
@@ -24,9 +23,6 @@ def pretrain_in_process(argv):
     main_pretrain.main(args)
     return args
 
-
-def log_lines(output_dir):
-    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
 
 
 def test_short_pretraining_run_writes_checkpoints_and_log(imagefolder, tmp_path):

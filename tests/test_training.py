@@ -1,6 +1,5 @@
 """README promises checked through a program run: mixup/cutmix on soft targets, mid-epoch checkpoints and their
 resume, the lr schedule as applied, pretraining's weight-decay groups, bf16 autocast and torch.compile."""
-import json
 import math
 import shutil
 
@@ -11,7 +10,8 @@ from timm.loss import SoftTargetCrossEntropy
 
 import main_finetune
 import main_pretrain
-from conftest import SUBPROCESS_TIMEOUT, StopProgram, run_program, stop_at_training, tiny_pretrain_argv, watch_training
+from conftest import (log_lines, run_in_process, run_program, stop_at_training,
+                      StopProgram, SUBPROCESS_TIMEOUT, tiny_pretrain_argv, watch_training)
 from util import lr_sched
 
 
@@ -22,14 +22,6 @@ def finetune_argv(data_path, output_dir, *extra):
             *map(str, extra)]
 
 
-def run_in_process(module, argv):
-    args = module.get_args_parser().parse_args(argv)
-    module.main(args)
-    return args
-
-
-def log_lines(output_dir):
-    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------ mixup / cutmix
