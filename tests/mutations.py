@@ -45,6 +45,8 @@ CKPT = "tests/test_checkpoint.py::"
 PRE = "tests/test_pretrain.py::"
 TGT = "tests/test_targets.py::"
 TRN = "tests/test_training.py::"
+VIS = "tests/test_visualize.py::"
+DATA = "tests/test_datasets.py::"
 
 MUTATIONS = [
     # 1. layer-wise lr decay as main_finetune builds and applies it
@@ -160,6 +162,23 @@ MUTATIONS = [
     Mutation("--compile ignored", "util/runtime.py",
              "    if args.compile:\n", "    if False:\n",
              TRN + "test_pretraining_with_compile"),
+    # figures: the norm-pix de-normalisation and the log reading behind the loss curve
+    Mutation("norm-pix prediction shown without de-normalisation", "util/figures.py",
+             "    if model.norm_pix_loss:  # the decoder predicts", "    if False:  # the decoder predicts",
+             VIS + "test_grid_columns_are_input_masked_input_prediction_and_pasted[True]"),
+    Mutation("loss curve keeps the first line of an epoch", "util/figures.py",
+             "                by_epoch[record[\"epoch\"]] = record", "                by_epoch.setdefault(record[\"epoch\"], record)",
+             VIS + "test_loss_curve_reads_the_last_line_of_each_epoch_and_skips_torn_lines"),
+    # the recipe fixes: evaluation crop_pct, the probe's crop, the from-scratch class token
+    Mutation("evaluation always at crop_pct 224/256", "util/datasets.py",
+             "crop_pct = 224 / 256 if size <= 224 else 1.0", "crop_pct = 224 / 256",
+             DATA + "test_large_eval_transform_crop_pct_follows_the_original[448-448]"),
+    Mutation("linear probe with torchvision's retrying crop", "util/datasets.py",
+             ", crop=SingleDrawRandomResizedCrop)", ")",
+             DATA + "test_linprobe_crop_is_the_originals_single_draw_crop"),
+    Mutation("class token left at timm's normal(1e-6)", "models_vit.py",
+             "    trunc_normal_(model.cls_token, std=0.02)", "    pass",
+             "tests/test_recipes.py::test_from_scratch_class_token_is_trunc_normal_002_as_the_original"),
 ]
 
 
