@@ -13,7 +13,7 @@ import time
 import main_finetune
 import main_linprobe
 import main_pretrain
-from util.cli import Parser, default_device, run
+from util.cli import Parser, count, default_device, run
 from util.datasets import DEBIAN_FASHION_MNIST_DIR
 from util.logger import final_test_accuracy
 from util.targets import TARGETS
@@ -27,18 +27,18 @@ def get_args_parser():
     g.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision (needs internet)")
     g.add_argument("--output_dir", default="demo_output", help="one sub-directory per stage, plus results.md/json")
     g.add_argument("--device", default=default_device())
-    g.add_argument("--num_workers", default=1, type=int)
+    g.add_argument("--num_workers", default=1, type=count(0))
     g.add_argument("--seed", default=0, type=int)
     g = parser.add_argument_group("budget (defaults: about 10 minutes on 2 CPU cores)")
     g.add_argument("--model", default="mae_vit_micro_patch4",
                    help="MAE model to pretrain; its classifier twin (without 'mae_') is probed and fine-tuned")
-    g.add_argument("--pretrain_epochs", default=3, type=int)
-    g.add_argument("--pretrain_images", default=0, type=int, metavar="N", help="first N training images (0: all)")
-    g.add_argument("--probe_epochs", default=30, type=int, help="epochs of the head on cached features (cheap)")
-    g.add_argument("--finetune_epochs", default=1, type=int)
-    g.add_argument("--downstream_images", default=20000, type=int, metavar="N",
+    g.add_argument("--pretrain_epochs", default=3, type=count(1))
+    g.add_argument("--pretrain_images", default=0, type=count(0), metavar="N", help="first N training images (0: all)")
+    g.add_argument("--probe_epochs", default=30, type=count(1), help="epochs of the head on cached features (cheap)")
+    g.add_argument("--finetune_epochs", default=1, type=count(1))
+    g.add_argument("--downstream_images", default=20000, type=count(0), metavar="N",
                    help="first N training images for probing and fine-tuning (0: all)")
-    g.add_argument("--batch_size", default=128, type=int)
+    g.add_argument("--batch_size", default=128, type=count(1))
     g.add_argument("--no_random_init", action="store_false", dest="random_init",
                    help="skip the random-init stages, which do not depend on the pretraining (e.g. comparing targets)")
     g = parser.add_argument_group("pretraining target (see main_pretrain.py --help)")

@@ -18,7 +18,7 @@ from engine import evaluate, train_one_epoch
 from util import distributed
 from util.amp import GradientUpdater
 from util.checkpoint import load_pretrained, resume_training, save_training_state
-from util.cli import Parser, add_classifier_args, add_common_args, run
+from util.cli import Parser, add_classifier_args, add_common_args, count, run
 from util.datasets import dataset_info
 from util.errors import UserError
 from util.loader import build_classification_loaders
@@ -35,7 +35,7 @@ def get_args_parser():
     g = parser.add_argument_group("fine-tuning")
     g.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
     g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
-    g.add_argument("--trainable_blocks", type=int, default=None, metavar="K",
+    g.add_argument("--trainable_blocks", type=count(0), default=None, metavar="K",
                    help="partial fine-tuning: train only the last K blocks, the final norm and the head")
     g = parser.add_argument_group("augmentation")
     g.add_argument("--color_jitter", type=float, metavar="PCT", help="color jitter factor (used only without --aa)")
@@ -44,7 +44,7 @@ def get_args_parser():
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erase probability")
     g.add_argument("--remode", type=str, default="pixel", help="random erase mode")
-    g.add_argument("--recount", type=int, default=1, help="random erase count")
+    g.add_argument("--recount", type=count(1), default=1, help="random erase count")
     g.add_argument("--resplit", action="store_true", default=False, help="ignored; kept for the original command lines")
     g.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0")
     g.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0")

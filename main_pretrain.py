@@ -16,7 +16,7 @@ from engine import train_one_epoch
 from util import distributed
 from util.amp import GradientUpdater
 from util.checkpoint import resume_training, save_training_state
-from util.cli import Parser, add_common_args, run
+from util.cli import Parser, add_common_args, count, run
 from util.datasets import build_dataset, build_transform, dataset_info
 from util.errors import UserError
 from util.figures import ReconstructionLogger, plot_loss_curve
@@ -39,7 +39,7 @@ def get_args_parser():
                    help="what the decoder predicts for the removed patches (default pixel; --norm_pix_loss is "
                         "norm_pixel): pixels, per-patch normalised pixels, HOG histograms (MaskFeat) or a frozen "
                         "teacher's features (MaskDistill, MILAN)")
-    g.add_argument("--hog_cell", default=None, type=int, metavar="PX",
+    g.add_argument("--hog_cell", default=None, type=count(1), metavar="PX",
                    help="hog: cell size in px, dividing the patch (default half the patch: 8 for 16-px patches)")
     g.add_argument("--teacher_model", default=None, metavar="NAME",
                    help="teacher: a timm model name (default: the model named in --teacher_checkpoint's training "
@@ -50,15 +50,15 @@ def get_args_parser():
                    help="teacher: download timm's hub weights for --teacher_model instead (needs internet)")
     g.add_argument("--teacher_layer", default=-1, type=int, metavar="K",
                    help="teacher: the block whose output is the target (negative counts from the end; default last)")
-    g.add_argument("--teacher_input_size", default=None, type=int, metavar="PX",
+    g.add_argument("--teacher_input_size", default=None, type=count(1), metavar="PX",
                    help="teacher: resize the images to this size for the teacher (default: --input_size); its "
                         "features are resampled to the student's patch grid either way")
     g.add_argument("--target_loss", default=None, choices=TEACHER_LOSSES,
                    help="teacher: smooth_l1 (MaskDistill, the default) or cosine, i.e. 2 - 2 cos (MILAN)")
     g = parser.add_argument_group("reconstruction figures")
-    g.add_argument("--vis_freq", default=20, type=int,
+    g.add_argument("--vis_freq", default=20, type=count(0),
                    help="reconstruction figure of fixed held-out images every N epochs and at the end (0: never)")
-    g.add_argument("--vis_images", default=8, type=int, help="held-out images in the reconstruction figure")
+    g.add_argument("--vis_images", default=8, type=count(1), help="held-out images in the reconstruction figure")
     parser.set_defaults(model="mae_vit_large_patch16", epochs=400, blr=1e-3, warmup_epochs=40,
                         weight_decay=0.05, min_lr=0.0)
     return parser

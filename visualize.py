@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision import transforms
 
 from util.checkpoint import load_checkpoint_file, load_pretrained, model_state_dict, saved_args
-from util.cli import Parser, default_device, run
+from util.cli import Parser, count, default_device, run
 from util.datasets import BICUBIC, DATASETS, dataset_info, load_rgb_image
 from util.errors import UserError
 from util.figures import draw, fixed_noise
@@ -29,10 +29,10 @@ def get_args_parser():
     parser.add_argument("--mask_ratio", nargs="+", type=float, default=[0.75], metavar="R", help="ratios in [0, 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masking noise (shared by all ratios)")
     parser.add_argument("--output", default="reconstruction.png", help="the PNG to write")
-    parser.add_argument("--max_images", type=int, default=16, help="draw at most this many images (0: all)")
+    parser.add_argument("--max_images", type=count(0), default=16, help="draw at most this many images (0: all)")
     g = parser.add_argument_group("model (default: from the checkpoint's training arguments)")
     g.add_argument("--model", default=None, help="mae_vit_* name; required for files without training arguments")
-    g.add_argument("--input_size", type=int, default=None, help="image size (default 224)")
+    g.add_argument("--input_size", type=count(1), default=None, help="image size (default 224)")
     g.add_argument("--norm_pix_loss", action="store_true", default=None, help="predicts per-patch normalised pixels")
     g.add_argument("--no_norm_pix_loss", action="store_false", dest="norm_pix_loss", default=None, help="plain pixels")
     g.add_argument("--dataset", default=None, choices=DATASETS, help="whose mean/std normalise the images")

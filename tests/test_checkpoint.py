@@ -217,3 +217,15 @@ def test_namespace_args_load_on_torch_2_4_without_the_safe_globals_context(tmp_p
     finally:
         torch.serialization.clear_safe_globals()
         torch.serialization.add_safe_globals(before)
+
+
+def test_garbage_and_truncated_files_are_called_damaged_not_unsafe(tmp_path):
+    torch.save({"model": {"w": torch.zeros(4096)}}, tmp_path / "good.pth")
+    data = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 16)
+    for name in ("truncated.pth", "random.pth"):
+        with pytest.raises(UserError, match=f"{name}: not a PyTorch checkpoint") as error:
+            load_checkpoint_file(tmp_path / name)
+        assert "safety" not in str(error.value)
+    assert torch.equal(load_checkpoint_file(tmp_path / "good.pth")["model"]["w"], torch.zeros(4096))

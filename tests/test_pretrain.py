@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import main_finetune
+import main_linprobe
 import main_pretrain
 from conftest import log_lines, REPO, run_program, SUBPROCESS_TIMEOUT, tiny_pretrain_argv
 from engine import train_one_epoch
@@ -271,6 +273,8 @@ sys.path.insert(0, {repo!r})
 import torch
 import torch.nn.functional as F
 
+import main_finetune
+import main_linprobe
 import main_pretrain
 import models_mae
 from util.cli import run
@@ -332,3 +336,17 @@ def assert_trained_like_one_process(out, reference):
         same = sum(torch.isclose(ours["model"][k], theirs["model"][k], rtol=1e-5, atol=1e-6).sum().item()
                    for k in theirs["model"])
         assert same > 0.999 * sum(v.numel() for v in theirs["model"].values())
+
+
+@pytest.mark.parametrize("program,flag,value", [
+    (main_pretrain, "--batch_size", "0"), (main_pretrain, "--accum_iter", "0"), (main_pretrain, "--epochs", "0"),
+    (main_pretrain, "--input_size", "-32"), (main_pretrain, "--num_workers", "-1"), (main_pretrain, "--save_freq", "0"),
+    (main_pretrain, "--print_freq", "0"), (main_pretrain, "--vis_images", "0"), (main_finetune, "--nb_classes", "0"),
+    (main_finetune, "--epochs", "0"), (main_linprobe, "--batch_size", "-4"),
+])
+def test_counts_that_make_no_sense_are_one_line_usage_errors(program, flag, value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        program.get_args_parser().parse_args(["--data_path", "x", flag, value])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"argument {flag}: must be at least" in line and f"got {value}" in line

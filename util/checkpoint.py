@@ -11,6 +11,7 @@ import os
 import random
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,12 +47,17 @@ def load_checkpoint_file(path) -> dict:
         path = str(local)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive (the legacy format: a pickle, protocol 2); anything else is no checkpoint
+    if not (zipfile.is_zipfile(path) or head == b"\x80\x02"):
+        raise UserError(f"cannot load checkpoint {path}: not a PyTorch checkpoint (damaged or truncated file?)")
     try:
         with _namespace_allowed():
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for refused globals, others for corrupt files
         reason = one_line(e)
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             reason = f"it holds pickled objects other than tensors and plain containers, refused for safety ({reason})"
         raise UserError(f"cannot load checkpoint {path}: {reason}") from None
 

@@ -20,25 +20,36 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def count(minimum: int):
+    """An argparse type for a count: an integer of at least ``minimum``, else a one-line usage error."""
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return integer
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
-    g.add_argument("--batch_size", default=64, type=int,
+    g.add_argument("--batch_size", default=64, type=count(1),
                    help="batch size per process; effective batch = batch_size x accum_iter x world size")
-    g.add_argument("--epochs", default=400, type=int)
-    g.add_argument("--accum_iter", default=1, type=int, metavar="N", help="accumulate N iterations' gradients per step")
+    g.add_argument("--epochs", default=400, type=count(1))
+    g.add_argument("--accum_iter", default=1, type=count(1), metavar="N",
+                   help="accumulate N iterations' gradients per step")
     g.add_argument("--model", type=str, help="name of the model to train")
-    g.add_argument("--input_size", default=224, type=int, help="image size (divisible by the patch size)")
+    g.add_argument("--input_size", default=224, type=count(1), help="image size (divisible by the patch size)")
 
     g = parser.add_argument_group("optimizer")
     g.add_argument("--weight_decay", type=float, default=0.05)
     g.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute learning rate (overrides --blr)")
     g.add_argument("--blr", type=float, default=1e-3, metavar="LR", help="base lr: lr = blr x effective batch / 256")
     g.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower bound of the cosine schedule")
-    g.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs of linear warmup")
+    g.add_argument("--warmup_epochs", type=count(0), default=40, metavar="N", help="epochs of linear warmup")
     g.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: none)")
 
     g = parser.add_argument_group("data")
@@ -48,8 +59,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train_list", default=None, help="filelist: list of training images (default DATA_PATH/train.txt)")
     g.add_argument("--val_list", default=None, help="filelist: list of validation images (default DATA_PATH/val.txt)")
     g.add_argument("--download", action="store_true", help="download cifar10/100 or fashion_mnist when online")
-    g.add_argument("--max_train_images", default=0, type=int, metavar="N", help="first N training images only (0: all)")
-    g.add_argument("--num_workers", default=10, type=int)
+    g.add_argument("--max_train_images", default=0, type=count(0), metavar="N",
+                   help="first N training images only (0: all)")
+    g.add_argument("--num_workers", default=10, type=count(0))
     g.add_argument("--pin_mem", action="store_true", default=True, help="pin CPU memory in the DataLoader (default)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
 
@@ -59,12 +71,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", default="", help="resume from this checkpoint")
     g.add_argument("--auto_resume", action="store_true",
                    help="resume from OUTPUT_DIR/checkpoint-last.pth when it exists (always on under SLURM launchers)")
-    g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
-    g.add_argument("--save_freq", default=20, type=int, metavar="N",
+    g.add_argument("--start_epoch", default=0, type=count(0), metavar="N", help="first epoch (set by --resume)")
+    g.add_argument("--save_freq", default=20, type=count(1), metavar="N",
                    help="keep checkpoint-EPOCH.pth every N epochs (checkpoint-last.pth is written every epoch)")
-    g.add_argument("--save_every_iters", default=0, type=int, metavar="N", help="also write checkpoint-last.pth "
+    g.add_argument("--save_every_iters", default=0, type=count(0), metavar="N", help="also write checkpoint-last.pth "
                    "every N iterations, so a preempted job loses at most N (0: only at epoch ends)")
-    g.add_argument("--print_freq", default=20, type=int, metavar="N", help="progress line every N iterations")
+    g.add_argument("--print_freq", default=20, type=count(1), metavar="N", help="progress line every N iterations")
 
     g = parser.add_argument_group("device, precision, distributed")
     g.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when available)")
@@ -95,6 +107,6 @@ def add_classifier_args(parser: argparse.ArgumentParser, global_pool_default: bo
     g.add_argument("--global_pool", action="store_true", help="classify the mean of the patch tokens (after fc_norm)")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify the class token")
     parser.set_defaults(global_pool=global_pool_default)
-    g.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: the data set's)")
+    g.add_argument("--nb_classes", default=None, type=count(1), help="number of classes (default: the data set's)")
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--dist_eval", action="store_true", help="shard evaluation over processes (faster; pads the set)")
