@@ -17,11 +17,9 @@ from util.logger import MetricLogger
 def train_one_epoch(model, data_loader, optimizer, device, epoch, updater, args, log_writer=None, criterion=None,
                     mixup_fn=None, start_step=0, max_accuracy=0.0):
     """Train ``model`` (possibly DDP-wrapped) for one epoch; return the epoch's mean of each logged value over all
-    processes. A non-finite loss stops the run with a ``UserError`` naming the epoch and step.
-
-    ``start_step`` > 0 continues an epoch whose first steps a mid-epoch checkpoint holds (the sampler skips them);
-    with ``--save_every_iters N`` such a checkpoint is written every N iterations (``max_accuracy`` goes into it).
-    """
+    processes. A non-finite loss stops the run with a ``UserError`` naming the epoch and step. ``start_step`` > 0
+    continues an epoch whose first steps a mid-epoch checkpoint holds (the sampler skips them); with
+    ``--save_every_iters N`` such a checkpoint is written every N iterations (``max_accuracy`` goes into it)."""
     model.train(True)
     accum_iter = args.accum_iter
     steps = start_step + len(data_loader)

@@ -1,8 +1,6 @@
-"""Checkpoints: safe reading, one way to fit weights to a model, atomic writing, and resuming a run.
-
-One loader serves this package's checkpoints and the original's released files (``mae_pretrain_vit_*.pth``
-encoder-only, ``*_full.pth``, ``mae_visualize_vit_*.pth``, ``mae_finetuned_vit_*.pth``), read with ``weights_only``:
-the only class allow-listed is ``argparse.Namespace`` (the original's arguments), so no pickled code ever runs."""
+"""Checkpoints: safe reading, one way to fit weights to a model, atomic writing, resuming. Ours and the original's
+released files (``mae_pretrain_vit_*.pth``, ``*_full.pth``, ``mae_visualize_vit_*.pth``, ``mae_finetuned_vit_*.pth``)
+are read with ``weights_only``, only ``argparse.Namespace`` (the original's arguments) allow-listed."""
 from __future__ import annotations
 
 import argparse

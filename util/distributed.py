@@ -1,8 +1,7 @@
-"""One distributed code path for a single process, torchrun (single and multi-node) and SLURM tasks.
-
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; SLURM tasks (srun, submitit) have SLURM_PROCID, SLURM_NTASKS and
-SLURM_LOCALID and meet on the job's first node at a port derived from the job id (no shared file needed); otherwise
-one process, no process group. nccl on CUDA, gloo on CPU. Only rank 0 prints (``print(..., force=True)``: any rank)."""
+"""One distributed code path: one process, torchrun (one or more nodes) or SLURM tasks. torchrun sets RANK,
+WORLD_SIZE and LOCAL_RANK; SLURM tasks (srun, submitit) have SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID and meet
+on the job's first node at a port derived from the job id (no shared file); otherwise one process, no process group.
+nccl on CUDA, gloo on CPU. Only rank 0 prints (``print(..., force=True)``: any rank)."""
 from __future__ import annotations
 
 import builtins

@@ -1,10 +1,6 @@
-"""Layer-wise learning-rate decay (ELECTRA, BEiT) for ViT fine-tuning, with the original MAE code's layer ids.
-
-With n = depth + 1, the layer id of ``cls_token``, ``pos_embed`` and ``patch_embed`` is 0, of ``blocks.k`` k + 1, and
-of everything after the blocks (``norm``, ``fc_norm``, ``head``) n; a parameter of layer i trains at
-``lr * layer_decay ** (n - i)``. timm's ``param_groups_layer_decay`` differs in one place: it puts the final
-``norm`` (the ``--cls_token`` classifier's) into the last block's layer, so it would train at ``layer_decay`` x lr.
-"""
+"""Layer-wise lr decay (ELECTRA, BEiT) with the original MAE code's layer ids: n = depth + 1; tokens, position table
+and patch embedding 0, ``blocks.k`` k + 1, all after the blocks n; layer i trains at ``lr * layer_decay ** (n - i)``.
+(timm's ``param_groups_layer_decay`` puts the ``--cls_token`` classifier's final ``norm`` in the last block's layer.)"""
 from __future__ import annotations
 
 
