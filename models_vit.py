@@ -22,7 +22,8 @@ def vision_transformer(global_pool=True, **kwargs):
                   global_pool="avg" if global_pool else "token", fc_norm=global_pool)  # fc_norm: no final norm
     model = VisionTransformer(**{**config, **kwargs})
     # the original's class token init (timm 1.x draws normal(1e-6)); matters for from-scratch baselines
-    trunc_normal_(model.cls_token, std=0.02)
+    if model.cls_token is not None:  # timm builds none with class_token=False
+        trunc_normal_(model.cls_token, std=0.02)
     return model
 
 

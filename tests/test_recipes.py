@@ -249,3 +249,8 @@ def test_from_scratch_class_token_is_trunc_normal_002_as_the_original():
     torch.manual_seed(0)
     tokens = torch.cat([build_model("vit_base_patch16", depth=1).cls_token.flatten() for _ in range(4)])
     assert tokens.std().item() == pytest.approx(0.02, rel=0.1) and tokens.abs().max().item() <= 2.0
+
+
+def test_a_classifier_without_class_token_still_builds():
+    model = build_model("vit_tiny_patch16", class_token=False, global_pool=True, depth=1)
+    assert model.cls_token is None and model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
