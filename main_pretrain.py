@@ -12,14 +12,15 @@ import time
 
 from timm.optim import param_groups_weight_decay
 
-from engine import train_one_epoch
+from engine import knn_evaluate, train_one_epoch
 from util import distributed
 from util.amp import GradientUpdater
 from util.checkpoint import resume_training, save_training_state
 from util.cli import Parser, add_common_args, count, run
 from util.datasets import build_dataset, build_transform, dataset_info
 from util.errors import UserError
-from util.figures import ReconstructionLogger, plot_loss_curve
+from util.figures import STEP_LOG, ReconstructionLogger, plot_loss_curve
+from util.knn import build_knn_loaders
 from util.loader import build_loader
 from util.logger import tensorboard_writer, write_log_line
 from util.lr_sched import set_effective_lr
@@ -59,6 +60,13 @@ def get_args_parser():
     g.add_argument("--vis_freq", default=20, type=count(0),
                    help="reconstruction figure of fixed held-out images every N epochs and at the end (0: never)")
     g.add_argument("--vis_images", default=8, type=count(1), help="held-out images in the reconstruction figure")
+    g = parser.add_argument_group("kNN monitor (util/knn.py; needs labels)")
+    g.add_argument("--knn_freq", default=0, type=count(0), help="weighted kNN accuracy (k 20, T 0.07) of the "
+                   "unmasked encoder's features on the validation split every N epochs and at the end (0: never)")
+    g.add_argument("--knn_pool", default="mean", choices=("cls", "mean"),
+                   help="the feature: class token or mean of the patch tokens (default %(default)s)")
+    g.add_argument("--knn_train_images", default=10000, type=count(0), metavar="N",
+                   help="memory bank: N training images spread evenly over the split (0: all; default %(default)s)")
     parser.set_defaults(model="mae_vit_large_patch16", epochs=400, blr=1e-3, warmup_epochs=40,
                         weight_decay=0.05, min_lr=0.0)
     return parser
@@ -76,6 +84,7 @@ def main(args):
     dataset_train = build_dataset("train", args, build_transform("pretrain", args))
     print(f"training images: {len(dataset_train)}")
     data_loader_train = build_loader(dataset_train, args, train=True)
+    knn_loaders = build_knn_loaders(args) if args.knn_freq else None  # memory bank and queries
 
     # model; a non-pixel target (util/targets.py) sets the decoder's output width and the loss
     model = build_model(args.model, img_size=args.input_size, in_chans=info.in_chans, norm_pix_loss=args.norm_pix_loss)
@@ -98,6 +107,7 @@ def main(args):
 
     log_writer = tensorboard_writer(args.log_dir)
     reconstructions = ReconstructionLogger(args, args.vis_images) if args.vis_freq else None
+    step_log = os.path.join(args.output_dir, STEP_LOG) if args.output_dir else None
 
     print(f"start training for {args.epochs} epochs ({args.amp} precision)")
     start_time = time.time()
@@ -105,11 +115,17 @@ def main(args):
     for epoch in range(start.epoch, args.epochs):
         data_loader_train.sampler.set_epoch(epoch, start_index=step * args.batch_size)
         train_stats = train_one_epoch(model_ddp, data_loader_train, optimizer, device, epoch, updater, args,
-                                      log_writer=log_writer, start_step=step)
+                                      log_writer=log_writer, start_step=step, step_log=step_log)
         step = 0
         last = epoch + 1 == args.epochs
+        knn_stats = {}
+        if knn_loaders is not None and (epoch % args.knn_freq == 0 or last):
+            knn_stats = knn_evaluate(model, *knn_loaders, device, args)  # the unwrapped model
+            if log_writer is not None:
+                log_writer.add_scalar("perf/knn_acc1", knn_stats["knn_acc1"], epoch)
+        # logged before saving: killed in between, the run resumes before this epoch and drops its line
+        write_log_line(args.output_dir, epoch, train_stats, log_writer=log_writer, **knn_stats)
         save_training_state(args, epoch, model, optimizer, updater, keep=epoch % args.save_freq == 0 or last)
-        write_log_line(args.output_dir, epoch, train_stats, log_writer=log_writer)
         if reconstructions is not None and (epoch % args.vis_freq == 0 or last):
             reconstructions.log(model, epoch, log_writer)  # the unwrapped model
     print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")

@@ -1,10 +1,12 @@
-"""Figures of MAE pretraining: the loss curve, and grids with a row per image: original | masked | reconstruction |
-the same with the visible patches pasted back; for HOG or teacher targets, a heat map of cos(pred, target) instead."""
+"""Figures of MAE pretraining: the loss curve (and kNN accuracy), and grids with a row per image: original | masked |
+reconstruction | the same with the visible patches pasted back; for HOG or teacher targets, a heat map of
+cos(pred, target) instead."""
 import json
 import math
 import os
 
 import matplotlib
+import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
@@ -14,9 +16,11 @@ from torchvision.utils import make_grid
 from util import distributed
 from util.datasets import build_dataset, dataset_info
 from util.errors import UserError
+from util.knn import K, TEMPERATURE
 
 HEAT_MAP = "viridis"  # cosine similarity <= 0 dark purple, 1 yellow; never the grey of a removed patch
 PAD = 2  # px of white around cells
+STEP_LOG = "log_steps.txt"  # beside log.txt: a JSON line per training iteration (engine.append_step_log)
 
 
 def fixed_noise(n: int, num_patches: int, seed: int = 0) -> torch.Tensor:
@@ -120,33 +124,53 @@ class ReconstructionLogger:
         return path
 
 
-def read_log(log_txt_path) -> list:
-    """``log.txt``'s JSON lines by epoch, the last one of an epoch winning (a resume rewrites it); others skipped."""
-    by_epoch = {}
+def read_log(log_txt_path, key: str = "epoch") -> list:
+    """A log's JSON lines in order of ``key`` (``log.txt``: "epoch"; ``STEP_LOG``: "epoch" and "step"), the last
+    line of a key winning (a resume writes it again); torn or other lines skipped."""
+    keys = ("epoch", "step") if key == "step" else ("epoch",)
+    by_key = {}
     with open(log_txt_path, encoding="utf-8") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("epoch"), (int, float)):
-                by_epoch[record["epoch"]] = record
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+            if isinstance(record, dict) and all(isinstance(record.get(k), (int, float)) for k in keys):
+                by_key[tuple(record[k] for k in keys)] = record
+    return [by_key[k] for k in sorted(by_key)]
 
 
 def plot_loss_curve(log_txt_path, out_png) -> str:
-    """Training loss and learning rate against epoch from ``log.txt`` into ``out_png``; returns the path."""
+    """The training loss against epoch into ``out_png``: per iteration (faint) and smoothed when ``STEP_LOG`` lies
+    beside ``log.txt``, else per epoch; the kNN accuracy per epoch beside it when logged. Returns the path."""
     records = read_log(log_txt_path)
     if not records:
         raise UserError(f"{log_txt_path} has no JSON lines with an epoch")
+    step_log = os.path.join(os.path.dirname(os.path.abspath(log_txt_path)), STEP_LOG)
+    steps = read_log(step_log, key="step") if os.path.isfile(step_log) else []
+    knn = [(r["epoch"], r["knn_acc1"]) for r in records if "knn_acc1" in r]
     fig = Figure(figsize=(8, 5.5), dpi=100, layout="constrained")
-    axes = fig.subplots(2, 1, sharex=True)
-    for ax, key in zip(axes, ("train_loss", "train_lr")):  # a missing value is a gap
-        ax.plot([r["epoch"] for r in records], [r.get(key, math.nan) for r in records], marker=".")
-        ax.set_ylabel(key)
+    axes = fig.subplots(1, 2, width_ratios=(2, 1)) if knn else [fig.subplots()]
+    if steps:
+        x = np.array([s["epoch"] + s["step"] / s["steps"] for s in steps])
+        loss = np.array([s["loss"] for s in steps])
+        window = max(1, len(loss) // 50)  # a trailing mean over 2 % of the run
+        axes[0].plot(x, loss, color="C0", alpha=0.25, linewidth=0.5, label="per iteration")
+        axes[0].plot(x[window - 1:], np.convolve(loss, np.ones(window) / window, mode="valid"), color="C0",
+                     label=f"mean of {window}")
+        for epoch in range(int(x[0]) + 1, math.ceil(x[-1])):
+            axes[0].axvline(epoch, color="grey", linewidth=0.5, linestyle=":")
+        axes[0].legend()
+    else:  # a missing value is a gap
+        axes[0].plot([r["epoch"] for r in records], [r.get("train_loss", math.nan) for r in records], marker=".")
+    axes[0].set_ylabel("train_loss")
+    if knn:
+        axes[1].plot(*zip(*knn), marker="o", color="C1")
+        axes[1].set_ylabel(f"kNN top-1 accuracy (%, k {K}, T {TEMPERATURE})")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[1].set_xlabel("epoch")
-    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png)
     return str(out_png)
