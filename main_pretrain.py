@@ -46,7 +46,7 @@ def get_args_parser():
                    help="teacher: a timm model name (default: the model named in --teacher_checkpoint's training "
                         "arguments; a mae_vit_* pretraining checkpoint gives its encoder)")
     g.add_argument("--teacher_checkpoint", default=None, metavar="FILE",
-                   help="teacher: local weights (timm or this package's checkpoint), read with weights_only")
+                   help="teacher: weights as --finetune takes them (this package's, timm's, ViTMAE's; hf-hub:ORG/NAME)")
     g.add_argument("--teacher_pretrained", action="store_true",
                    help="teacher: download timm's hub weights for --teacher_model instead (needs internet)")
     g.add_argument("--teacher_layer", default=-1, type=int, metavar="K",

@@ -24,7 +24,8 @@ IMAGE_EXTS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().item
 
 def get_args_parser():
     parser = Parser("MAE reconstructions of images", add_help=True)
-    parser.add_argument("--checkpoint", required=True, help="main_pretrain.py's, mae_visualize_*.pth or *_full.pth")
+    parser.add_argument("--checkpoint", required=True, help="main_pretrain.py's, mae_visualize_*.pth, *_full.pth, "
+                        "a ViTMAEForPreTraining directory or hf-hub:ORG/NAME")
     parser.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files and/or directories")
     parser.add_argument("--mask_ratio", nargs="+", type=float, default=[0.75], metavar="R", help="ratios in [0, 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masking noise (shared by all ratios)")

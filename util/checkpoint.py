@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import safetensors.torch
 import torch
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 
-from util import distributed
+from util import distributed, weights
 from util.errors import UserError, one_line
 
 WRAPPER_PREFIX = re.compile(r"^(module\.)?(_orig_mod\.)?")  # what DDP and torch.compile add to parameter names
@@ -35,7 +36,8 @@ def _namespace_allowed():
 
 
 def load_checkpoint_file(path) -> dict:
-    """Read a checkpoint (local path, or http(s) URL when online) without running pickled code."""
+    """Read weights without running pickled code, in the original layout: a checkpoint or ``.safetensors`` file, a
+    timm or Hugging Face ViTMAE directory, a hub name (``util.weights``), or an http(s) URL when online."""
     path = str(path)
     if path.startswith(("http://", "https://")):  # cached download; still read with weights_only below
         local = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(path.split("?")[0])
@@ -43,21 +45,27 @@ def load_checkpoint_file(path) -> dict:
             local.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(path, str(local))
         path = str(local)
-    if not os.path.isfile(path):
+    file, config = weights.locate(weights.resolve(path))
+    if not os.path.isfile(file):
         raise UserError(f"checkpoint {path} does not exist")
-    with open(path, "rb") as f:
+    with open(file, "rb") as f:
         head = f.read(2)
+    safetensors_file = file.endswith(".safetensors")
     # torch.save writes a zip archive (the legacy format: a pickle, protocol 2); anything else is no checkpoint
-    if not (zipfile.is_zipfile(path) or head == b"\x80\x02"):
+    if not (safetensors_file or zipfile.is_zipfile(file) or head == b"\x80\x02"):
         raise UserError(f"cannot load checkpoint {path}: not a PyTorch checkpoint (damaged or truncated file?)")
     try:
-        with _namespace_allowed():
-            return torch.load(path, map_location="cpu", weights_only=True)
+        if safetensors_file:
+            checkpoint = safetensors.torch.load_file(file)
+        else:
+            with _namespace_allowed():
+                checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for refused globals, others for corrupt files
         reason = one_line(e)
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             reason = f"it holds pickled objects other than tensors and plain containers, refused for safety ({reason})"
         raise UserError(f"cannot load checkpoint {path}: {reason}") from None
+    return weights.to_original_layout(checkpoint, config, path)
 
 
 def model_state_dict(checkpoint, path="checkpoint") -> dict:
@@ -144,6 +152,7 @@ def load_pretrained(model, path, *, head_init_std=None, log=print) -> dict:
     (and ``fc_norm``) may be missing and which ignores the decoder. With ``head_init_std`` a head that was not
     loaded is initialised trunc-normal with that std and zero bias (the original: 2e-5 fine-tuning, 0.01 probing)."""
     checkpoint = load_checkpoint_file(path)
+    weights.check_architecture(checkpoint, model, path, log=log)  # a ViTMAE config says first what does not fit
     classifier = hasattr(model, "head")
     report = fit_state_dict(model, model_state_dict(checkpoint, path), path,  # a global-pool classifier has no norm
                             may_miss=CLASSIFIER_NEW if classifier else (),

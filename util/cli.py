@@ -68,7 +68,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output and checkpoints")
     g.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go ('' for none)")
     g.add_argument("--log_dir", default="./output_dir", help="where TensorBoard logs go ('' for none)")
-    g.add_argument("--resume", default="", help="resume from this checkpoint")
+    g.add_argument("--resume", default="", help="resume from this checkpoint (weights as --finetune takes them: the "
+                   "model only)")
     g.add_argument("--auto_resume", action="store_true",
                    help="resume from OUTPUT_DIR/checkpoint-last.pth when it exists (always on under SLURM launchers)")
     g.add_argument("--start_epoch", default=0, type=count(0), metavar="N", help="first epoch (set by --resume)")
@@ -103,7 +104,8 @@ def run(main, args) -> None:
 def add_classifier_args(parser: argparse.ArgumentParser, global_pool_default: bool) -> None:
     """Flags shared by fine-tuning and linear probing."""
     g = parser.add_argument_group("classifier")
-    g.add_argument("--finetune", default="", help="start from these pretrained weights (ours or the released files)")
+    g.add_argument("--finetune", default="", help="start from these pretrained weights: ours or the released files, "
+                   "a .safetensors file, a timm or Hugging Face ViTMAE directory, hf-hub:ORG/NAME")
     g.add_argument("--global_pool", action="store_true", help="classify the mean of the patch tokens (after fc_norm)")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify the class token")
     parser.set_defaults(global_pool=global_pool_default)

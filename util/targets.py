@@ -132,7 +132,8 @@ def _create_teacher(name: str, img_size: int, pretrained: bool, in_chans: int | 
 
 def load_teacher(model_name, checkpoint, pretrained: bool, img_size: int):
     """``(teacher, mean, std, description)``: the network and the statistics its inputs are normalised with.
-    ``checkpoint`` is a local file; without ``model_name`` it must be one of ours, whose arguments name the model.
+    ``checkpoint``: weights as ``load_checkpoint_file`` reads them; without ``model_name`` they must name their model
+    (ours by their arguments, a timm directory by its config).
     ``pretrained``: timm's hub weights instead, downloaded only then."""
     if pretrained == bool(checkpoint):
         raise UserError("--target teacher needs --teacher_checkpoint FILE or (not both) --teacher_pretrained with "
