@@ -25,7 +25,7 @@ from util.loader import build_classification_loaders
 from util.logger import tensorboard_writer, write_log_line
 from util.lr_decay import param_groups_layer_decay
 from util.lr_sched import set_effective_lr
-from util.runtime import adamw, build_model, count_parameters, setup_run, wrap_model
+from util.runtime import adamw, build_model, count_parameters, finish_run, setup_run, wrap_model
 
 
 def get_args_parser():
@@ -125,13 +125,13 @@ def main(args):
         max_accuracy = max(max_accuracy, test_stats["acc1"])
         print(f"accuracy of the network on {len(data_loader_val.dataset)} test images: {test_stats['acc1']:.2f}%, "
               f"max {max_accuracy:.2f}%")
+        write_log_line(args.output_dir, epoch, train_stats, test_stats, log_writer, max_accuracy=max_accuracy)
         save_training_state(args, epoch, model, optimizer, updater, max_accuracy=max_accuracy,
                             keep=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
-        write_log_line(args.output_dir, epoch, train_stats, test_stats, log_writer, max_accuracy=max_accuracy)
     print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     if log_writer is not None:
         log_writer.close()
-    distributed.destroy()
+    finish_run()
 
 
 if __name__ == "__main__":

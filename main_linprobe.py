@@ -25,7 +25,7 @@ from util.errors import UserError
 from util.loader import build_classification_loaders, build_loader, limit_train_images
 from util.logger import tensorboard_writer, write_log_line
 from util.lr_sched import set_effective_lr
-from util.runtime import build_model, count_parameters, setup_run, wrap_model
+from util.runtime import build_model, count_parameters, finish_run, setup_run, wrap_model
 
 
 def get_args_parser():
@@ -145,15 +145,15 @@ def main(args):
         step = 0
         test_stats = evaluate(data_loader_val, model_ddp, device, args)
         max_accuracy = max(max_accuracy, test_stats["acc1"])
+        write_log_line(args.output_dir, epoch, train_stats, test_stats, log_writer, max_accuracy=max_accuracy)
         save_training_state(args, epoch, model, optimizer, updater, max_accuracy=max_accuracy,
                             keep=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
-        write_log_line(args.output_dir, epoch, train_stats, test_stats, log_writer, max_accuracy=max_accuracy)
         print(f"epoch {epoch} took {time.time() - epoch_start:.2f} s (training, evaluation, checkpoint); "
               f"max accuracy {max_accuracy:.2f}%")
     print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     if log_writer is not None:
         log_writer.close()
-    distributed.destroy()
+    finish_run()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from util.knn import build_knn_loaders
 from util.loader import build_loader
 from util.logger import tensorboard_writer, write_log_line
 from util.lr_sched import set_effective_lr
-from util.runtime import adamw, build_model, count_parameters, setup_run, wrap_model
+from util.runtime import adamw, build_model, count_parameters, finish_run, setup_run, wrap_model
 from util.targets import TARGETS, TEACHER_LOSSES, build_target, target_name
 
 
@@ -133,7 +133,7 @@ def main(args):
         log_writer.close()
     if args.output_dir and distributed.is_main_process() and start.epoch < args.epochs:
         plot_loss_curve(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "loss_curve.png"))
-    distributed.destroy()
+    finish_run()
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -18,8 +20,9 @@ import safetensors.torch
 import torch
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 
-from util import distributed, weights
+from util import distributed, output_dir, weights
 from util.errors import UserError, one_line
+from util.logger import drop_log_lines_from
 
 WRAPPER_PREFIX = re.compile(r"^(module\.)?(_orig_mod\.)?")  # what DDP and torch.compile add to parameter names
 POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")  # they follow the patch grid: resampled when it differs
@@ -174,11 +177,12 @@ def load_pretrained(model, path, *, head_init_std=None, log=print) -> dict:
 
 def save_atomic(obj, path) -> None:
     """``torch.save`` to a temporary file in the same directory, then rename: a crash mid-write never truncates the
-    last good checkpoint."""
+    last good checkpoint. A write that fails (full disk, no permission) is one line, with no temporary file left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -187,9 +191,29 @@ def save_atomic(obj, path) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from the user's group
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        needed = sum(t.numel() * t.element_size() for t in _tensors(obj))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, RuntimeError) \
+                and free < needed:  # torch reports a full disk as a RuntimeError of its zip writer
+            raise UserError(f"cannot write checkpoint {path}: no space left on the device ({free / 2**20:.0f} MiB "
+                            f"free, the checkpoint needs about {needed / 2**20:.0f} MiB)") from None
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
         raise
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
 
 
 def _rng_state() -> dict:
@@ -224,24 +248,9 @@ def save_training_state(args, epoch, model, optimizer, updater, *, keep=False, m
     if next_step:
         state["next_step"] = next_step
     out = Path(args.output_dir)
-    if keep:
+    if keep:  # a copy of its own, not a link: damage to one file must not take both
         save_atomic(state, out / f"checkpoint-{epoch}.pth")
-        if _link_atomic(out / f"checkpoint-{epoch}.pth", out / "checkpoint-last.pth"):
-            return
     save_atomic(state, out / "checkpoint-last.pth")
-
-
-def _link_atomic(source: Path, dest: Path) -> bool:
-    """Make ``dest`` a hard link to ``source`` (atomically replacing it); False where links are unsupported."""
-    tmp = dest.with_name(f".{dest.name}.link")
-    try:
-        tmp.unlink(missing_ok=True)
-        os.link(source, tmp)
-        os.replace(tmp, dest)
-        return True
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        return False
 
 
 class Resumed(NamedTuple):
@@ -254,14 +263,12 @@ class Resumed(NamedTuple):
 
 
 def resume_training(args, model, optimizer=None, updater=None) -> Resumed:
-    """Restore model, optimizer, scaler and every RNG from ``--resume`` (or, with ``--auto_resume``,
-    ``OUTPUT_DIR/checkpoint-last.pth`` when it exists). Nothing to resume: start at ``--start_epoch``."""
-    path = args.resume
-    if not path and args.auto_resume and args.output_dir and (Path(args.output_dir) / "checkpoint-last.pth").is_file():
-        path = str(Path(args.output_dir) / "checkpoint-last.pth")
-    if not path:
+    """Restore model, optimizer, scaler and every RNG from ``--resume`` or, with ``--auto_resume``, the newest
+    checkpoint in ``--output_dir`` that loads (damaged ones are skipped, saying why). Nothing to resume: start at
+    ``--start_epoch``. ``log.txt`` lines of the epochs to be run again are dropped, so each epoch is logged once."""
+    path, checkpoint = _checkpoint_to_resume(args)
+    if checkpoint is None:
         return Resumed(epoch=args.start_epoch)
-    checkpoint = load_checkpoint_file(path)
     fit_state_dict(model, model_state_dict(checkpoint, path), f"cannot resume from {path}:", adapt=False)
     print(f"resumed model from {path}")
     resumed = Resumed(epoch=args.start_epoch, max_accuracy=checkpoint.get("max_accuracy", 0.0),
@@ -279,5 +286,27 @@ def resume_training(args, model, optimizer=None, updater=None) -> Resumed:
               f"random streams restart from the seed")
     step = checkpoint.get("next_step", 0)  # > 0: a mid-epoch checkpoint, continued at that step; else the next epoch
     resumed = resumed._replace(epoch=checkpoint["epoch"] + (0 if step else 1), step=step)
+    if args.output_dir and distributed.is_main_process():
+        drop_log_lines_from(args.output_dir, resumed.epoch)
     print(f"resumed optimizer and scaler; continuing at epoch {resumed.epoch}" + (f", step {step}" if step else ""))
     return resumed
+
+
+def _checkpoint_to_resume(args):
+    """(path, checkpoint) of ``--resume``, or with ``--auto_resume`` of the newest loadable one; (None, None)."""
+    if args.resume:
+        return args.resume, load_checkpoint_file(args.resume)
+    if not (args.auto_resume and args.output_dir):
+        return None, None
+    found = output_dir.checkpoints(Path(args.output_dir))
+    for path in found:
+        try:
+            checkpoint = load_checkpoint_file(path)
+            model_state_dict(checkpoint, path)
+            return str(path), checkpoint
+        except UserError as e:
+            print(f"skipping {path}: {one_line(e)}")
+    if found:
+        raise UserError(f"none of the checkpoints in {args.output_dir} loads ({', '.join(p.name for p in found)}); "
+                        f"remove them or pass --overwrite to start afresh")
+    return None, None

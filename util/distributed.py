@@ -56,8 +56,14 @@ def init_distributed_mode(args) -> None:
         torch.cuda.set_device(args.gpu)
     backend = "nccl" if use_cuda else "gloo"
     print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}): {args.dist_url}", flush=True)
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
-                            timeout=datetime.timedelta(minutes=30),
+    timeout, store = datetime.timedelta(minutes=30), None
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps its store across worker restarts, and env:// would hand restarted workers the
+        # previous attempt's peer addresses (they then fail to connect): one key prefix per attempt
+        store = dist.PrefixStore(f"attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", dist.TCPStore(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), args.world_size, is_master=False, timeout=timeout))
+    dist.init_process_group(backend=backend, init_method=None if store else args.dist_url, store=store,
+                            world_size=args.world_size, rank=args.rank, timeout=timeout,
                             device_id=torch.device("cuda", args.gpu) if use_cuda else None)
     dist.barrier()
     builtin_print, is_main = builtins.print, args.rank == 0

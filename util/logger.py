@@ -100,6 +100,27 @@ def write_log_line(output_dir, epoch, train_stats, test_stats=None, log_writer=N
             f.write(json.dumps(stats) + "\n")
 
 
+def drop_log_lines_from(output_dir, epoch: int) -> None:
+    """Remove the ``log.txt`` lines of epochs >= ``epoch``, which a resumed run is about to train (and log) again."""
+    path = os.path.join(output_dir, "log.txt")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if _logged_epoch(line) < epoch]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+def _logged_epoch(line: str) -> float:
+    try:
+        return json.loads(line).get("epoch", -1)
+    except ValueError:
+        return float("inf")  # a line cut short by a kill
+
+
 def final_test_accuracy(log_path) -> float:
     """``test_acc1`` of the last epoch in ``log.txt``, not the best one (choosing on the test set would flatter)."""
     with open(log_path, encoding="utf-8") as f:

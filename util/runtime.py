@@ -2,6 +2,7 @@
 import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import timm
@@ -9,14 +10,14 @@ import torch
 
 import models_mae  # noqa: F401  (registers the mae_vit_* models with timm)
 import models_vit  # noqa: F401  (registers the vit_* classifiers)
-from util import distributed
+from util import distributed, output_dir
 from util.amp import resolve_amp
 from util.checkpoint import jsonable_args
 from util.errors import UserError
 
 
 def setup_run(args) -> torch.device:
-    """Start distributed mode, pick the device, resolve ``args.amp``, seed every RNG (per rank), make the output dir."""
+    """Start distributed mode, pick the device, resolve ``args.amp``, seed every RNG (per rank), claim the output dir."""
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     distributed.init_distributed_mode(args)
@@ -27,13 +28,22 @@ def setup_run(args) -> torch.device:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) and not getattr(args, "eval", False):
+        args.auto_resume = True  # torchrun restarted the workers: continue this run where it stopped
+        if args.output_dir and output_dir.checkpoints(Path(args.output_dir)):
+            args.resume = ""  # --resume only seeded the first attempt
+    output_dir.claim(args)
     if device.type == "cuda":  # TF32 matmuls for the fp32 parts; cudnn autotuning for fixed input sizes
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     print(json.dumps(jsonable_args(args), indent=1))
     return device
+
+
+def finish_run() -> None:
+    """End what ``setup_run`` started: release the output directory, leave the process group."""
+    output_dir.release()
+    distributed.destroy()
 
 
 def build_model(name: str, **kwargs) -> torch.nn.Module:
