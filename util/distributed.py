@@ -1,13 +1,16 @@
 """One distributed code path: one process, torchrun (one or more nodes) or SLURM tasks. torchrun sets RANK,
 WORLD_SIZE and LOCAL_RANK; SLURM tasks (srun, submitit) have SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID and meet
 on the job's first node at a port derived from the job id (no shared file); otherwise one process, no process group.
-nccl on CUDA, gloo on CPU. Only rank 0 prints (``print(..., force=True)``: any rank)."""
+nccl on CUDA, gloo on CPU; gloo binds to the interface that reaches the rendezvous host unless GLOO_SOCKET_IFNAME says
+otherwise. Only rank 0 prints (``print(..., force=True)``: any rank)."""
 from __future__ import annotations
 
 import builtins
 import datetime
+import ipaddress
 import os
 import re
+import socket
 
 import torch
 import torch.distributed as dist
@@ -35,6 +38,22 @@ def slurm_master_addr() -> str:
     return SlurmJobEnvironment().hostnames[0]  # submitit parses SLURM's compressed node lists
 
 
+def route_interface(host: str | None) -> str | None:
+    """The network interface of this machine's route to ``host`` (Linux's IPv4 routes); None for a loopback address
+    or without a route."""
+    try:
+        address = ipaddress.IPv4Address(socket.gethostbyname(host)) if host else None
+        with open("/proc/net/route") as f:  # Iface Destination Gateway Flags RefCnt Use Metric Mask ... (hex)
+            routes = [line.split() for line in f.readlines()[1:]]
+    except OSError:
+        return None
+    if address is None or address.is_loopback:
+        return None
+    address = int.from_bytes(address.packed, "little")  # as the table writes addresses
+    matches = [(int(r[7], 16).bit_count(), r[0]) for r in routes if address & int(r[7], 16) == int(r[1], 16)]
+    return max(matches)[1] if matches else None  # the longest prefix
+
+
 def init_distributed_mode(args) -> None:
     """Set ``args.rank``, ``world_size``, ``gpu`` (local rank) and ``distributed``; start a process group if several."""
     env = os.environ
@@ -55,15 +74,17 @@ def init_distributed_mode(args) -> None:
     if use_cuda:
         torch.cuda.set_device(args.gpu)
     backend = "nccl" if use_cuda else "gloo"
-    print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}): {args.dist_url}", flush=True)
-    timeout, store = datetime.timedelta(minutes=30), None
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun's agent keeps its store across worker restarts, and env:// would hand restarted workers the
-        # previous attempt's peer addresses (they then fail to connect): one key prefix per attempt
-        store = dist.PrefixStore(f"attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", dist.TCPStore(
-            env["MASTER_ADDR"], int(env["MASTER_PORT"]), args.world_size, is_master=False, timeout=timeout))
-    dist.init_process_group(backend=backend, init_method=None if store else args.dist_url, store=store,
-                            world_size=args.world_size, rank=args.rank, timeout=timeout,
+    interface = None
+    if backend == "gloo":
+        # gloo's default address is the one this host's name resolves to, on many nodes a loopback address (Debian:
+        # 127.0.1.1) that the other nodes cannot reach: the interface that reaches the rendezvous host instead
+        interface = env.get("GLOO_SOCKET_IFNAME") or route_interface(env.get("MASTER_ADDR"))
+        if interface:
+            env["GLOO_SOCKET_IFNAME"] = interface
+    print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}): {args.dist_url}"
+          + (f", GLOO_SOCKET_IFNAME={interface}" if interface else ""), flush=True)
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(minutes=30),
                             device_id=torch.device("cuda", args.gpu) if use_cuda else None)
     dist.barrier()
     builtin_print, is_main = builtins.print, args.rank == 0

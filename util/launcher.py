@@ -154,7 +154,8 @@ class Trainer:
         if cpus and "OMP_NUM_THREADS" not in os.environ:  # without cgroups, each task would use every core
             torch.set_num_threads(max(1, int(cpus)))
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-        print(f"job {job_env.job_id}, task {job_env.global_rank} of {job_env.num_tasks} on {job_env.hostname}, "
+        node = job_env.hostnames[job_env.node]  # as squeue names it, not necessarily its hostname
+        print(f"job {job_env.job_id}, task {job_env.global_rank} of {job_env.num_tasks} on {node}, "
               f"run {restarts + 1}" + (f" (requeued; resuming from {last})" if restarts and last.is_file() else ""),
               flush=True)
         try:
