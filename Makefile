@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# End-to-end demo on real data (Fashion-MNIST: Debian's dataset-fashion-mnist, or DEMO_ARGS=--download when online):
-# MAE pretraining, then linear probe and fine-tuning of the pretrained encoder vs random init; prints the table of
-# four accuracies, leaves reconstruction figures and the loss curve in $(DEMO_DIR)/pretrain. See demo.py --help.
+# End-to-end demo on real data (Fashion-MNIST from ./data, Debian's dataset-fashion-mnist, or downloaded into ./data):
+# MAE pretraining with the kNN monitor, then linear probe and fine-tuning of the pretrained encoder vs random init and
+# a linear classifier on the raw pixels; prints the table, leaves reconstruction figures and the loss curve in
+# $(DEMO_DIR)/pretrain. Scale it with e.g. DEMO_ARGS="--pretrain_epochs 20 --blr 1.5e-3". See demo.py --help.
 demo: $(STAMP)
 	$(PY) demo.py --output_dir $(DEMO_DIR) $(DEMO_ARGS)
 

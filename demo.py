@@ -1,30 +1,42 @@
-"""End-to-end MAE on real data: pretrain, then judge the encoder against the same encoder from random init.
+"""End-to-end MAE on real data: pretrain, then judge the encoder against the same encoder from random init and
+against a linear classifier on the raw pixels.
 
     python demo.py                       # what `make demo` runs: Fashion-MNIST, about 10 minutes on 2 CPU cores
 
-Stages: MAE pretraining of ``mae_vit_micro_patch4`` (figures in ``pretrain/``), then a linear probe and a fine-tuning
-of its encoder and, on the same budget, of the same encoder from random init; the four final test accuracies go to
-``results.md`` and ``results.json``. Each stage is one of the package's programs, run with a printed command line."""
+Stages: MAE pretraining of ``mae_vit_micro_patch4`` with the kNN monitor (figures in ``pretrain/``); a linear probe
+and a fine-tuning of its encoder and, on the same budget, of the same encoder from random init; the probe's head
+and schedule on the raw pixels. The final test accuracies go to ``results.md`` and ``results.json``. Each stage
+is one of the package's programs, run with a printed command line (the pixel baseline: main_linprobe.py's pieces)."""
+import argparse
 import json
 import os
 import shlex
 import time
 
+import torch
+from timm.optim import Lars
+from torchvision.datasets import FashionMNIST
+
 import main_finetune
 import main_linprobe
 import main_pretrain
+from engine import evaluate, train_one_epoch
+from util.amp import GradientUpdater
 from util.cli import Parser, count, default_device, run
-from util.datasets import DEBIAN_FASHION_MNIST_DIR
-from util.logger import final_test_accuracy
+from util.datasets import DEBIAN_FASHION_MNIST_DIR, build_dataset, dataset_info
+from util.errors import UserError, one_line
+from util.figures import read_log
+from util.logger import final_test_accuracy, write_log_line
+from util.lr_sched import set_effective_lr
+from util.runtime import setup_run
 from util.targets import TARGETS
 
 
 def get_args_parser():
-    parser = Parser("MAE demo on Fashion-MNIST: pretraining, then probing and fine-tuning vs random init")
+    parser = Parser("MAE demo on Fashion-MNIST: pretraining, then probing and fine-tuning vs random init and pixels")
     g = parser.add_argument_group("data and output")
-    g.add_argument("--data_path", default=DEBIAN_FASHION_MNIST_DIR,
-                   help="directory with Fashion-MNIST's idx files (Debian: apt-get install dataset-fashion-mnist)")
-    g.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision (needs internet)")
+    g.add_argument("--data_path", default="data", help="Fashion-MNIST's idx files: here, else Debian's package "
+                   f"({DEBIAN_FASHION_MNIST_DIR}), else downloaded here (needs internet)")
     g.add_argument("--output_dir", default="demo_output", help="one sub-directory per stage, plus results.md/json")
     g.add_argument("--device", default=default_device())
     g.add_argument("--num_workers", default=1, type=count(0))
@@ -32,10 +44,15 @@ def get_args_parser():
     g = parser.add_argument_group("budget (defaults: about 10 minutes on 2 CPU cores)")
     g.add_argument("--model", default="mae_vit_micro_patch4",
                    help="MAE model to pretrain; its classifier twin (without 'mae_') is probed and fine-tuned")
-    g.add_argument("--pretrain_epochs", default=3, type=count(1))
+    g.add_argument("--pretrain_epochs", default=4, type=count(1))
+    g.add_argument("--blr", default=1.5e-3, type=float, help="pretraining base lr (lr = blr x batch / 256)")
+    g.add_argument("--mask_ratio", default=0.75, type=float)
     g.add_argument("--pretrain_images", default=0, type=count(0), metavar="N", help="first N training images (0: all)")
+    g.add_argument("--knn_train_images", default=5000, type=count(1), metavar="N",
+                   help="memory bank of the kNN monitor, printed every pretraining epoch")
     g.add_argument("--probe_epochs", default=30, type=count(1), help="epochs of the head on cached features (cheap)")
-    g.add_argument("--finetune_epochs", default=1, type=count(1))
+    g.add_argument("--finetune_epochs", default=2, type=count(1))
+    g.add_argument("--finetune_blr", default=4e-3, type=float)
     g.add_argument("--downstream_images", default=20000, type=count(0), metavar="N",
                    help="first N training images for probing and fine-tuning (0: all)")
     g.add_argument("--batch_size", default=128, type=count(1))
@@ -48,12 +65,28 @@ def get_args_parser():
     return parser
 
 
+def find_fashion_mnist(data_path: str) -> None:
+    """Fashion-MNIST in ``data_path`` or Debian's package, else downloaded into ``data_path``; else one line."""
+    try:
+        for split in ("train", "val"):
+            build_dataset(split, argparse.Namespace(dataset="fashion_mnist", data_path=data_path, input_size=28))
+    except UserError:
+        try:
+            for train in (True, False):
+                FashionMNIST(data_path, train=train, download=True)  # into DATA_PATH/FashionMNIST/raw, searched
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"Fashion-MNIST is neither in {data_path} nor in {DEBIAN_FASHION_MNIST_DIR}, and "
+                            f"downloading it failed ({one_line(e)}): apt-get install dataset-fashion-mnist (Debian), "
+                            f"or put its idx files in {data_path}") from None
+
+
 def stage_commands(args) -> dict:
-    """Each stage as (program module, its command line). Same budget and seed for both initialisations."""
+    """Each stage as (program module, its command line). Same budget and seed for every initialisation; every stage
+    runs in fp32 (--amp none), so a host's mixed-precision default cannot change the table."""
     out = args.output_dir
-    common = ["--dataset", "fashion_mnist", "--data_path", args.data_path, "--input_size", "28",
+    common = ["--dataset", "fashion_mnist", "--data_path", args.data_path, "--input_size", "28", "--amp", "none",
               "--device", args.device, "--num_workers", str(args.num_workers), "--seed", str(args.seed),
-              "--batch_size", str(args.batch_size)] + (["--download"] if args.download else [])
+              "--batch_size", str(args.batch_size)]
     classifier = args.model.removeprefix("mae_")
     pretrained = os.path.join(out, "pretrain", "checkpoint-last.pth")
 
@@ -61,9 +94,11 @@ def stage_commands(args) -> dict:
         return ["--output_dir", os.path.join(out, name), "--log_dir", os.path.join(out, name)] + common + extra
 
     pretrain = stage("pretrain", [
-        "--model", args.model, "--target", args.target, "--mask_ratio", "0.75", "--epochs", str(args.pretrain_epochs),
-        "--warmup_epochs", "1", "--blr", "1.5e-4", "--max_train_images", str(args.pretrain_images), "--vis_freq", "1",
-        "--save_freq", "1000"] + (["--teacher_checkpoint", args.teacher_checkpoint] if args.teacher_checkpoint else []))
+        "--model", args.model, "--target", args.target, "--mask_ratio", str(args.mask_ratio),
+        "--epochs", str(args.pretrain_epochs), "--warmup_epochs", "1", "--blr", str(args.blr),
+        "--max_train_images", str(args.pretrain_images), "--vis_freq", "1", "--save_freq", "1000",
+        "--knn_freq", "1", "--knn_train_images", str(args.knn_train_images)]
+        + (["--teacher_checkpoint", args.teacher_checkpoint] if args.teacher_checkpoint else []))
     downstream = ["--model", classifier, "--max_train_images", str(args.downstream_images), "--save_freq", "1000"]
     # Probe the mean patch token: a few MAE epochs give the class token little reason to summarise the image (the
     # paper probes it after 800+). Cached features make many epochs cheap. LARS moves a weight by about lr x 0.001 of
@@ -71,41 +106,81 @@ def stage_commands(args) -> dict:
     probe = downstream + ["--global_pool", "--cache_features", "--epochs", str(args.probe_epochs),
                           "--warmup_epochs", "1", "--lr", "16", "--weight_decay", "0.0"]
     # A short schedule: light augmentation (no RandAugment, erasing or mixup), no warmup, no drop path.
-    finetune = downstream + ["--epochs", str(args.finetune_epochs), "--warmup_epochs", "0", "--blr", "4e-3",
-                             "--layer_decay", "0.75", "--weight_decay", "0.05", "--drop_path", "0.0",
-                             "--aa", "none", "--reprob", "0.0", "--smoothing", "0.1"]
+    finetune = downstream + ["--epochs", str(args.finetune_epochs), "--warmup_epochs", "0",
+                             "--blr", str(args.finetune_blr), "--layer_decay", "0.75", "--weight_decay", "0.05",
+                             "--drop_path", "0.0", "--aa", "none", "--reprob", "0.0", "--smoothing", "0.1"]
     stages = {"pretrain": (main_pretrain, pretrain)}
     for protocol, program, argv in (("linprobe", main_linprobe, probe), ("finetune", main_finetune, finetune)):
         stages[f"{protocol}_pretrained"] = (program, stage(f"{protocol}_pretrained", argv + ["--finetune", pretrained]))
         if args.random_init:
             stages[f"{protocol}_random"] = (program, stage(f"{protocol}_random", argv))
+    stages["linprobe_pixels"] = (main_linprobe, stage("linprobe_pixels", probe))  # run by probe_pixels
     return stages
 
 
+class Pixels(torch.nn.Module):
+    """Stands in for an encoder in ``main_linprobe.cached_feature_loaders``: an image's features are its pixels."""
+
+    def forward_features(self, images):
+        return images
+
+    def forward_head(self, images, pre_logits=True):
+        return images.flatten(1)
+
+
+def probe_pixels(args) -> None:
+    """main_linprobe.py's head (BatchNorm + Linear), LARS and schedule on the normalised pixels of the same images:
+    a linear classifier without an encoder, the baseline that a pretrained encoder's features must beat."""
+    device = setup_run(args)
+    train_loader, val_loader = main_linprobe.cached_feature_loaders(Pixels(), args, device)
+    pixels = train_loader.dataset.tensors[0].shape[1]
+    classes = dataset_info(args).num_classes
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(pixels, affine=False, eps=1e-6), torch.nn.Linear(pixels, classes))
+    torch.nn.init.trunc_normal_(head[1].weight, std=0.01)  # as main_linprobe's head after load_pretrained
+    torch.nn.init.zeros_(head[1].bias)
+    set_effective_lr(args, 1)
+    optimizer = Lars(main_linprobe.lars_param_groups(head, args.weight_decay), lr=args.lr, momentum=0.9,
+                     trust_coeff=0.001, eps=0.0)
+    updater = GradientUpdater(args.amp, device)
+    for epoch in range(args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(head.to(device), train_loader, optimizer, device, epoch, updater, args,
+                                      criterion=torch.nn.CrossEntropyLoss())
+    write_log_line(args.output_dir, epoch, train_stats, evaluate(val_loader, head, device, args))
+
+
 def main(args):
+    find_fashion_mnist(args.data_path)
     seconds, accuracy = {}, {}
     for name, (program, argv) in stage_commands(args).items():
-        print(f"\n=== {name}: python {program.__name__}.py {shlex.join(argv)}", flush=True)
+        run_stage = probe_pixels if name == "linprobe_pixels" else program.main
+        command = f"{program.__name__}.py {shlex.join(argv)}"
+        shown = f"demo.probe_pixels({command})" if run_stage is probe_pixels else f"python {command}"
+        print(f"\n=== {name}: {shown}", flush=True)
         start = time.perf_counter()
-        program.main(program.get_args_parser().parse_args(argv))
+        run_stage(program.get_args_parser().parse_args(argv))
         seconds[name] = time.perf_counter() - start
         if name != "pretrain":
             accuracy[name] = final_test_accuracy(os.path.join(args.output_dir, name, "log.txt"))
         print(f"=== {name}: {seconds[name]:.0f} s", flush=True)
+    knn = [r["knn_acc1"] for r in read_log(os.path.join(args.output_dir, "pretrain", "log.txt")) if "knn_acc1" in r]
 
-    rows = ["| encoder | linear probe | fine-tune |", "|---|---:|---:|"]
-    for label, key in (("MAE pretrained", "pretrained"), ("random init", "random")):
+    rows = ["| features | linear probe | fine-tune |", "|---|---:|---:|"]
+    for label, key in (("MAE-pretrained encoder", "pretrained"), ("random-init encoder", "random"),
+                       ("raw pixels (no encoder)", "pixels")):
         if "linprobe_" + key in accuracy:
-            rows.append(f"| {label} | {accuracy['linprobe_' + key]:.2f} % | {accuracy['finetune_' + key]:.2f} % |")
+            finetuned = f"{accuracy['finetune_' + key]:.2f} %" if "finetune_" + key in accuracy else "—"
+            rows.append(f"| {label} | {accuracy['linprobe_' + key]:.2f} % | {finetuned} |")
     table = "\n".join(rows)
     summary = (f"Fashion-MNIST test top-1 after {args.probe_epochs} probe / {args.finetune_epochs} fine-tuning "
                f"epoch(s) on {args.downstream_images or 'all'} images; encoder {args.model} pretrained for "
-               f"{args.pretrain_epochs} epoch(s) on {args.pretrain_images or 'all'} images ({args.target} target); "
-               f"{sum(seconds.values()) / 60:.1f} min on {args.device}")
+               f"{args.pretrain_epochs} epoch(s) on {args.pretrain_images or 'all'} images ({args.target} target, "
+               f"blr {args.blr:g}, mask ratio {args.mask_ratio:g}); kNN accuracy after each pretraining epoch: "
+               f"{', '.join(f'{a:.2f}' for a in knn)} %; {sum(seconds.values()) / 60:.1f} min on {args.device}")
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table + "\n\n" + summary + "\n")
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"accuracy": accuracy, "seconds": seconds, "args": vars(args)}, f, indent=1)
+        json.dump({"accuracy": accuracy, "knn_acc1": knn, "seconds": seconds, "args": vars(args)}, f, indent=1)
     print("\n" + table + "\n\n" + summary)
     print(f"figures: {os.path.join(args.output_dir, 'pretrain', 'vis')}, "
           f"loss curve: {os.path.join(args.output_dir, 'pretrain', 'loss_curve.png')}")

@@ -3,8 +3,11 @@ import json
 
 import pytest
 
+import demo
+import util.datasets
 from conftest import run_program
 from fakedata import make_fashion_mnist
+from util.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +17,8 @@ def demo_run(tmp_path_factory):
     out = root / "out"
     result = run_program("demo.py", "--data_path", data, "--output_dir", out, "--device", "cpu",
                          "--num_workers", "0", "--batch_size", "16", "--pretrain_epochs", "2",
-                         "--probe_epochs", "1", "--finetune_epochs", "1", "--downstream_images", "48", timeout=300)
+                         "--probe_epochs", "1", "--finetune_epochs", "1", "--downstream_images", "48",
+                         "--knn_train_images", "40", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stdout
 
@@ -22,7 +26,7 @@ def demo_run(tmp_path_factory):
 def test_demo_prints_and_writes_the_four_accuracies(demo_run):
     out, stdout = demo_run
     results = json.loads((out / "results.json").read_text())
-    stages = {"linprobe_pretrained", "linprobe_random", "finetune_pretrained", "finetune_random"}
+    stages = {"linprobe_pretrained", "linprobe_random", "finetune_pretrained", "finetune_random", "linprobe_pixels"}
     assert set(results["accuracy"]) == stages
     for stage in stages:
         # the table reports what each stage's own log measured on the 32 test images (multiples of 1/32)
@@ -30,7 +34,8 @@ def test_demo_prints_and_writes_the_four_accuracies(demo_run):
         assert results["accuracy"][stage] == logged[-1]["test_acc1"]
         assert (results["accuracy"][stage] * 32 / 100) == pytest.approx(round(results["accuracy"][stage] * 32 / 100))
     table = (out / "results.md").read_text()
-    assert "| MAE pretrained |" in table and "| random init |" in table
+    assert "| MAE-pretrained encoder |" in table and "| random-init encoder |" in table
+    assert f"| raw pixels (no encoder) | {results['accuracy']['linprobe_pixels']:.2f} % | — |" in table
     assert f"{results['accuracy']['finetune_random']:.2f} %" in stdout
     assert set(results["seconds"]) == stages | {"pretrain"}
 
@@ -44,6 +49,18 @@ def test_demo_stages_use_the_same_budget_and_only_the_pretrained_ones_load_weigh
         assert [e["epoch"] for e in logs["pretrained"]] == [e["epoch"] for e in logs["random"]] == [0]
     args = json.loads((out / "results.json").read_text())["args"]
     assert args["downstream_images"] == 48
+    # the pixel baseline fits the probe's head to the same 48 images' 28 x 28 pixels, scored on the same 32
+    assert stdout.count("cached the features of 48 training and 32 validation images") == 3
+    assert "cached the features of 48 training and 32 validation images (784 per image)" in stdout
+    assert stdout.count("--amp none") == 6  # every stage in fp32, whatever the host's default
+
+
+def test_demo_prints_the_knn_accuracy_after_every_pretraining_epoch(demo_run):
+    out, stdout = demo_run
+    logged = [json.loads(line)["knn_acc1"] for line in (out / "pretrain" / "log.txt").read_text().splitlines()]
+    assert len(logged) == 2 and json.loads((out / "results.json").read_text())["knn_acc1"] == logged
+    assert stdout.count("* kNN Acc@1") == 2 and "40 memory-bank and 32 query images" in stdout
+    assert f"after each pretraining epoch: {logged[0]:.2f}, {logged[1]:.2f} %" in stdout
 
 
 def test_demo_leaves_reconstruction_figures_and_loss_curve(demo_run):
@@ -52,3 +69,19 @@ def test_demo_leaves_reconstruction_figures_and_loss_curve(demo_run):
     assert (out / "pretrain" / "loss_curve.png").stat().st_size > 0
     assert len((out / "pretrain" / "log.txt").read_text().splitlines()) == 2
     assert "loss curve" in stdout
+
+
+def test_demo_downloads_fashion_mnist_only_when_missing_and_says_what_to_install_offline(tmp_path, monkeypatch):
+    downloads = []
+
+    def offline(root, train, download):
+        downloads.append(root)
+        raise OSError("no network")
+
+    monkeypatch.setattr(demo, "FashionMNIST", offline)
+    monkeypatch.setattr(util.datasets, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "not_installed"))
+    demo.find_fashion_mnist(make_fashion_mnist(tmp_path / "data"))  # present: no download
+    assert downloads == []
+    with pytest.raises(UserError, match="downloading it failed \\(no network\\): apt-get install dataset-fashion-mnist"):
+        demo.find_fashion_mnist(str(tmp_path / "empty"))
+    assert downloads == [str(tmp_path / "empty")]
