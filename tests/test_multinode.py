@@ -1,7 +1,7 @@
 """Jobs that span nodes, on a two-node cluster of network namespaces (tests/slurm/cluster.sh with
 MAE_SLURM_NODES=2): node0 and node1 each have an address and a slurmd of their own, their names resolve on both, and
-both keep this host's hostname, which resolves to a loopback address (gloo's default choice, which the other node
-cannot reach). One torchrun per node trains as one process does on the same global batch; a SLURM job runs one task
+both keep this host's hostname, which resolves to no address of theirs (so gloo's default address is of no use
+across them). One torchrun per node trains as one process does on the same global batch; a SLURM job runs one task
 on each node, and is preempted and requeued and resumes with every epoch logged once.
 
 The tests skip, saying why, where SLURM is not installed, we are not root or the network namespaces cannot be
@@ -34,13 +34,19 @@ def test_gloo_interface_without_a_route_is_left_to_gloo():
     assert route_interface("no-such-host.invalid") is None
 
 
+def test_starting_a_running_cluster_changes_nothing(cluster):
+    again = cluster_script(len(NODES), "start", timeout=120)
+    assert again.returncode == 0 and "already up" in again.stdout, again.stderr
+
+
 def test_the_nodes_have_their_own_addresses_and_resolve_each_others_names(cluster):
     for node, other in (NODES, NODES[::-1]):
-        shown = cluster_script(len(NODES), "exec", node, "sh", "-c", f"ip -4 -o addr show; getent hosts {other}",
-                               timeout=60, check=True).stdout
-        address = shown.split("inet ")[-1].split("/")[0]  # the last interface: the node's own
-        assert address.startswith("10.") and shown.count("inet ") == 2, shown  # lo and the node's interface
-        assert other in shown.splitlines()[-1] and address not in shown.splitlines()[-1], shown
+        shown = cluster_script(len(NODES), "exec", node, "sh", "-c", "ip -4 -o addr; getent hosts " + " ".join(NODES),
+                               timeout=60, check=True).stdout.splitlines()
+        interfaces = {line.split()[1]: line.split("inet ")[1].split("/")[0] for line in shown if " inet " in line}
+        resolved = {line.split()[1]: line.split()[0] for line in shown if " inet " not in line}
+        assert interfaces == {"lo": "127.0.0.1", "mae0": resolved[node]}, shown  # its own address only
+        assert resolved[other] != resolved[node], shown
 
 
 def pinned_micro_argv(imagefolder, out, batch_size):

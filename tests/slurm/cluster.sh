@@ -34,9 +34,9 @@
 # subnet 10.251.17), on a veth pair (mae0 inside) joined by the bridge mae-br0, which holds the controller's address
 # $MAE_SLURM_SUBNET.1. There is no route out: traffic stays between the host and these namespaces. Each node's
 # slurmd (and so every job step on it) and `exec` see the file `hosts` as /etc/hosts (a private mount namespace),
-# so node names resolve on every node; the host's /etc/hosts is not touched. The nodes keep this host's hostname:
-# like Debian's 127.0.1.1 entry, it resolves to a loopback address, which the other nodes cannot reach (gloo's
-# default address). One N-node cluster at a time.
+# so node names resolve on every node; the host's /etc/hosts is not touched. The nodes keep this host's hostname,
+# which resolves to no address of the node (a loopback one, as Debian's 127.0.1.1, or the host's), so gloo's
+# default address (its hostname's) is of no use across nodes. One N-node cluster at a time.
 #
 # Knobs: MAE_SLURM_NODES (default 1), MAE_SLURM_DIR, MAE_SLURM_CTLD_PORT (default 16817, N nodes 16827),
 #        MAE_SLURM_SLURMD_PORT (default 16818, N nodes 16828), MAE_SLURM_SUBNET,
