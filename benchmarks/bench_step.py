@@ -35,7 +35,8 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.common import cpu_model, machine, write_json  # noqa: E402
 from benchmarks.flops import MatmulPeak, compute_dtype, count_flops, synchronize  # noqa: E402
 from benchmarks.with_mask_tokens import MaskedAutoencoderWithMaskTokens  # noqa: E402
-from util.amp import AMP_CHOICES, GradientUpdater, autocast, resolve_amp  # noqa: E402
+from util.amp import (AMP_CHOICES, GradientUpdater, autocast, cpu_has_bf16_matrix_units,  # noqa: E402
+                      resolve_amp)
 from util.cli import default_device  # noqa: E402
 from util.runtime import adamw, build_model  # noqa: E402
 
@@ -47,7 +48,7 @@ def get_args_parser():
     p.add_argument("--batch_size", default=8, type=int)
     p.add_argument("--input_size", default=224, type=int)
     p.add_argument("--amp", default=None, choices=AMP_CHOICES,
-                   help="autocast dtype (default: bf16 on GPUs that support it, none on CPU)")
+                   help="autocast dtype (default as the programs: bf16 on GPUs that support it and on CPUs with AMX)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (the optimizer stays eager)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--mode", default="pretrain", choices=("pretrain", "finetune", "both"))
@@ -56,6 +57,9 @@ def get_args_parser():
     p.add_argument("--compare_mask_tokens", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the 'with [M]' baseline (mask tokens through the encoder) and print MAE's speedup "
                         "over it (default: on; --no-compare_mask_tokens to skip)")
+    p.add_argument("--vs_fp32", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --amp bf16/fp16, also time the fp32 pretraining step against an fp32 peak and print the "
+                        "speedup (default: on)")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of the encoder blocks")
     p.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth of the fine-tuning model")
     p.add_argument("--optimizer", default="auto", choices=("auto", "fused", "foreach", "forloop"),
@@ -271,6 +275,14 @@ def format_table(report: dict) -> str:
                  f"(sweep, median of {peak['reps']}, GFLOP/s by size: {by_size})")
     lines.append("'of peak': median over steps of the step's FLOP/s over the peak probed right after it; 'cpu share': "
                  "CPU time this process got per thread per wall second (well below 100 %: the cores were shared)")
+    v = report.get("vs_fp32")
+    if v:
+        lines.append(f"{args['amp']} pretraining step: {v['fraction_of_peak']:.1%} of the {peak['dtype']} matmul "
+                     f"peak, {v['speedup']:.2f}x the fp32 step of this run ({v['fp32_images_per_s']:.2f} img/s, "
+                     f"{v['fp32_fraction_of_peak']:.1%} of the fp32 peak, "
+                     f"{v['fp32_peak_flops_per_s'] / 1e9:.1f} GFLOP/s)")
+    if report.get("no_bf16_units"):
+        lines.append("this CPU has no bf16 matrix units (no AMX): bf16 matmuls are emulated and cannot be fast here")
     s = report.get("speedup_vs_mask_tokens")
     if s:
         lines.append(f"MAE speedup over 'with [M]': {s['wall_clock']:.2f}x wall clock ({s['peak_normalised']:.2f}x "
@@ -319,6 +331,18 @@ def main(args) -> dict:
             "peak_normalised": (with_m["step_time_s"] * with_m["peak_flops_per_s"])
                                / (mae["step_time_s"] * mae["peak_flops_per_s"]),
         }
+    if args.vs_fp32 and args.amp != "none" and "pretrain" in runs:
+        fp32_peak = MatmulPeak(device, torch.float32)
+        fp32_peak.sweep(sizes, args.peak_reps)
+        fp32_args = argparse.Namespace(**{**vars(args), "amp": "none", "profile": 0})
+        fp32 = bench_one(fp32_args, "pretrain", device, fp32_peak)
+        report["runs_fp32"] = [fp32]
+        report["vs_fp32"] = {"speedup": fp32["step_time_s"] / runs["pretrain"]["step_time_s"],
+                             "fraction_of_peak": runs["pretrain"]["fraction_of_peak"],
+                             "fp32_images_per_s": fp32["images_per_s"],
+                             "fp32_fraction_of_peak": fp32["fraction_of_peak"],
+                             "fp32_peak_flops_per_s": fp32["peak_flops_per_s"]}
+    report["no_bf16_units"] = device.type == "cpu" and args.amp == "bf16" and not cpu_has_bf16_matrix_units()
     print(format_table(report))
     for r in report["runs"]:
         if "profile" in r:

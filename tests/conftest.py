@@ -33,7 +33,7 @@ def log_lines(output_dir):
 def tiny_pretrain_argv(data_path, output_dir, *extra):
     """A short real pretraining command line: ViT-Tiny with 4-px patches on 32-px images, 2 epochs."""
     return ["--model", "mae_vit_tiny_patch4", "--input_size", "32", "--data_path", str(data_path),
-            "--epochs", "2", "--batch_size", "8", "--device", "cpu", "--num_workers", "0",
+            "--epochs", "2", "--batch_size", "8", "--device", "cpu", "--amp", "none", "--num_workers", "0",
             "--output_dir", str(output_dir), "--log_dir", str(output_dir), "--print_freq", "1", *map(str, extra)]
 
 

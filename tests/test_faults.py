@@ -178,7 +178,8 @@ def worker_pids(parent: int) -> list:
     return sorted(pids)
 
 
-@pytest.mark.parametrize("launch", [[], ["--master_port", "0"], ["--standalone"]], ids=["default", "port", "standalone"])
+@pytest.mark.parametrize("launch", [[], ["--master_port", "0"], ["--standalone"]],
+                         ids=["default", "port", "standalone"])
 def test_torchrun_restart_after_a_killed_worker_resumes_the_run(imagefolder, tmp_path, launch):
     """``kill -9`` of one of two workers mid-run: torchrun restarts both, they re-form the process group (whatever the
     rendezvous flags) and continue from the run's last checkpoint; every epoch is logged once."""

@@ -44,7 +44,7 @@ def golden_runs(tmp_path_factory):
 
     def classifier_argv(out, *extra):
         return ["--model", "vit_tiny_patch4", "--input_size", "32", "--data_path", str(data), "--nb_classes", "2",
-                "--epochs", "2", "--batch_size", "8", "--device", "cpu", "--num_workers", "0", "--warmup_epochs", "1",
+                "--epochs", "2", "--batch_size", "8", "--device", "cpu", "--amp", "none", "--num_workers", "0", "--warmup_epochs", "1",
                 "--output_dir", str(out), "--log_dir", str(out), "--print_freq", "5",
                 "--finetune", str(pre / "checkpoint-last.pth"), *extra]
 

@@ -211,7 +211,7 @@ def test_cached_features_are_exactly_what_the_head_sees(tmp_path):
 
     data = make_imagefolder(tmp_path, per_class=3, size=32)
     args = main_linprobe.get_args_parser().parse_args(
-        ["--data_path", data, "--input_size", "32", "--batch_size", "4", "--num_workers", "0", "--device", "cpu"])
+        ["--data_path", data, "--input_size", "32", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--amp", "none"])
     args.amp = "none"
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch4", img_size=32, num_classes=2, global_pool=True).eval()
@@ -226,7 +226,7 @@ def test_cached_features_are_exactly_what_the_head_sees(tmp_path):
 def test_linprobe_with_cache_features_trains_the_head_on_the_cache(imagefolder, tmp_path, capsys):
     out = tmp_path / "lp"
     argv = ["--model", "vit_tiny_patch4", "--input_size", "32", "--data_path", str(imagefolder), "--nb_classes", "2",
-            "--epochs", "2", "--batch_size", "8", "--device", "cpu", "--num_workers", "0", "--blr", "1.0",
+            "--epochs", "2", "--batch_size", "8", "--device", "cpu", "--amp", "none", "--num_workers", "0", "--blr", "1.0",
             "--warmup_epochs", "0", "--output_dir", str(out), "--log_dir", "", "--cache_features"]
     main_linprobe.main(main_linprobe.get_args_parser().parse_args(argv))
     stdout = capsys.readouterr().out
@@ -319,7 +319,7 @@ def test_cached_probe_reproduces_the_standard_probe_without_augmentation(imagefo
     for name, flag in (("standard", "--no_train_augmentation"), ("cached", "--cache_features")):
         out = tmp_path / name
         argv = ["--model", "vit_tiny_patch4", "--input_size", "32", "--data_path", str(imagefolder),
-                "--nb_classes", "2", "--epochs", "3", "--batch_size", "4", "--device", "cpu", "--num_workers", "0",
+                "--nb_classes", "2", "--epochs", "3", "--batch_size", "4", "--device", "cpu", "--amp", "none", "--num_workers", "0",
                 "--blr", "5.0", "--warmup_epochs", "0", "--seed", "3", "--output_dir", str(out), "--log_dir", "",
                 flag]
         main_linprobe.main(main_linprobe.get_args_parser().parse_args(argv))

@@ -396,7 +396,7 @@ def test_finetuning_from_a_hog_pretrained_checkpoint(imagefolder, tmp_path, hog_
     out = tmp_path / "ft"
     args = main_finetune.get_args_parser().parse_args(
         ["--model", "vit_tiny_patch4", "--input_size", "32", "--data_path", str(imagefolder), "--nb_classes", "2",
-         "--epochs", "1", "--batch_size", "8", "--device", "cpu", "--num_workers", "0", "--output_dir", str(out),
+         "--epochs", "1", "--batch_size", "8", "--device", "cpu", "--amp", "none", "--num_workers", "0", "--output_dir", str(out),
          "--log_dir", str(out), "--finetune", str(hog_checkpoint), "--aa", "none", "--reprob", "0"])
     main_finetune.main(args)
     printed = capsys.readouterr().out

@@ -17,7 +17,7 @@ from util import lr_sched
 
 def finetune_argv(data_path, output_dir, *extra):
     return ["--model", "vit_tiny_patch4", "--input_size", "32", "--data_path", str(data_path), "--nb_classes", "2",
-            "--epochs", "1", "--batch_size", "8", "--device", "cpu", "--num_workers", "0", "--aa", "none",
+            "--epochs", "1", "--batch_size", "8", "--device", "cpu", "--amp", "none", "--num_workers", "0", "--aa", "none",
             "--reprob", "0", "--output_dir", str(output_dir), "--log_dir", str(output_dir), "--print_freq", "5",
             *map(str, extra)]
 

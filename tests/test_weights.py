@@ -222,7 +222,7 @@ def fashion_mnist(tmp_path_factory):
 
 def micro_finetune_argv(data_path, out, *extra):
     return ["--model", "vit_micro_patch4", "--dataset", "fashion_mnist", "--input_size", "28", "--data_path", data_path,
-            "--epochs", "1", "--batch_size", "8", "--device", "cpu", "--num_workers", "0", "--output_dir", out,
+            "--epochs", "1", "--batch_size", "8", "--device", "cpu", "--amp", "none", "--num_workers", "0", "--output_dir", out,
             "--log_dir", out, *extra]
 
 
