@@ -74,7 +74,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    help="resume from the newest checkpoint in OUTPUT_DIR that loads, if any (always on under SLURM and "
                         "after torchrun restarts)")
     g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --output_dir that holds an earlier run (deletes its checkpoints and log.txt)")
+                   help="start afresh in an --output_dir that holds an earlier run (deletes its checkpoints and logs)")
     g.add_argument("--start_epoch", default=0, type=count(0), metavar="N", help="first epoch (set by --resume)")
     g.add_argument("--save_freq", default=20, type=count(1), metavar="N",
                    help="keep checkpoint-EPOCH.pth every N epochs (checkpoint-last.pth is written every epoch)")

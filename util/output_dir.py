@@ -10,7 +10,7 @@ from pathlib import Path
 from util import distributed
 from util.errors import UserError
 
-RUN_FILES = ("checkpoint-*.pth", "log.txt")  # what a run writes and ``--overwrite`` deletes
+RUN_FILES = ("checkpoint-*.pth", "log.txt", "log_steps.txt")  # what a run writes; ``--overwrite`` deletes it
 _lock = None  # the open lock file of this process's run: flock is released when the process dies, never stale
 
 
@@ -65,8 +65,8 @@ def _claim_on_main(out: Path, args) -> str | None:
         for pattern in RUN_FILES:
             for path in out.glob(pattern):
                 path.unlink()
-        print(f"--overwrite: deleted the earlier run's checkpoints and log.txt in {out}")
+        print(f"--overwrite: deleted the earlier run's checkpoints and logs in {out}")
     elif earlier and not (args.auto_resume or args.resume):
         return (f"--output_dir {out} holds an earlier run ({earlier[0].name}); pass --auto_resume to continue it, "
-                f"--overwrite to start afresh (its checkpoints and log.txt are deleted), or another --output_dir")
+                f"--overwrite to start afresh (its checkpoints and logs are deleted), or another --output_dir")
     return None
