@@ -284,17 +284,17 @@ net_up() {
         done
         cat /etc/hosts
     } >"$D/hosts"
-    ip link add "$BRIDGE" type bridge
-    ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
-    ip link set "$BRIDGE" up
+    # (called where `set -e` does not act: every step is checked)
+    ip link add "$BRIDGE" type bridge && ip addr add "$CTLD_ADDR/24" dev "$BRIDGE" && ip link set "$BRIDGE" up ||
+        return 1
     for k in "${!NODE_NAMES[@]}"; do
         ns="$NETNS_PREFIX${NODE_NAMES[k]}"
-        ip netns add "$ns"
-        ip link add "$ns" type veth peer name "$NODE_IFNAME" netns "$ns"
-        ip link set "$ns" master "$BRIDGE" up
-        ip -n "$ns" addr add "${NODE_ADDRS[k]}/24" dev "$NODE_IFNAME"
-        ip -n "$ns" link set "$NODE_IFNAME" up
-        ip -n "$ns" link set lo up
+        ip netns add "$ns" &&
+            ip link add "$ns" type veth peer name "$NODE_IFNAME" netns "$ns" &&
+            ip link set "$ns" master "$BRIDGE" up &&
+            ip -n "$ns" addr add "${NODE_ADDRS[k]}/24" dev "$NODE_IFNAME" &&
+            ip -n "$ns" link set "$NODE_IFNAME" up &&
+            ip -n "$ns" link set lo up || return 1
     done
 }
 
@@ -344,7 +344,7 @@ cmd_start() {
 
     mkdir -p "$D"/{munge,state,spool,log,run}
     chmod 0755 "$D"
-    ((NODES == 1)) || net_up || { net_down; die "could not create the nodes' network namespaces"; }
+    ((NODES == 1)) || net_up || { net_down; die "could not create the nodes' network namespaces and links (ip)"; }
     write_conf
     write_sacct_shim
     start_munged
