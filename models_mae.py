@@ -224,6 +224,14 @@ def mae_vit_huge_patch14(pretrained=False, **kwargs):
 
 
 @register_model
+def mae_vit_giant_patch14(pretrained=False, **kwargs):
+    """timm's ViT-g/14 encoder (1408-d, 40 blocks, MLP ratio 48/11) with ViT-H's decoder; the class has one MLP ratio,
+    so the decoder's is 48/11 too."""
+    return _create(pretrained, dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11,
+                                    **DECODER_512D8B), **kwargs)
+
+
+@register_model
 def mae_vit_tiny_patch2(pretrained=False, **kwargs):
     """The CIFAR-10 small-data reference: 32 px, ViT-Tiny with 2-px patches, 192-d 4-block decoder."""
     return _create(pretrained, dict(img_size=32, patch_size=2, embed_dim=192, depth=12, num_heads=3,

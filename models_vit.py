@@ -62,6 +62,11 @@ def vit_huge_patch14(pretrained=False, **kwargs):
 
 
 @register_model
+def vit_giant_patch14(pretrained=False, **kwargs):
+    return _create(pretrained, dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11), **kwargs)
+
+
+@register_model
 def vit_tiny_patch2(pretrained=False, **kwargs):
     return _create(pretrained, dict(img_size=32, patch_size=2, embed_dim=192, depth=12, num_heads=3), **kwargs)
 

@@ -171,6 +171,19 @@ def test_large_and_huge_have_the_original_shapes(name, patch, dim, depth):
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == original_layout(dim, depth, 512, 8, patch, 3, tokens)
 
 
+def test_giant_encoder_and_classifier_count_as_timms_vit_giant_patch14_without_its_head():
+    with torch.device("meta"):  # counts only, no memory
+        reference = timm.create_model("vit_giant_patch14_224")
+        mae = timm.create_model("mae_vit_giant_patch14")
+        vit = timm.create_model("vit_giant_patch14", num_classes=0)
+    count = lambda params: sum(p.numel() for p in params)
+    expected = count(reference.parameters()) - count(reference.head.parameters())
+    encoder = [p for name, p in mae.named_parameters() if not name.startswith(("decoder_", "mask_token"))]
+    assert count(encoder) == expected
+    assert count(vit.parameters()) == expected
+    assert mae.decoder_embed.out_features == 512 and len(mae.decoder_blocks) == 8
+
+
 @pytest.mark.parametrize("name,size,chans", [("mae_vit_tiny_patch2", 32, 3), ("mae_vit_tiny_patch4", 28, 1),
                                              ("mae_vit_tiny_patch16", 64, 3), ("mae_vit_small_patch16", 48, 3)])
 def test_small_models_run_at_their_sizes(name, size, chans):
