@@ -188,8 +188,8 @@ class Job:
         result = run_program("submitit_pretrain.py", "--nodes", nodes, "--ngpus", "0", "--tasks_per_node",
                              tasks_per_node, "--partition", "debug", "--timeout", "60",  # >10 min: USR2 = preemption
                              "--model", model, "--input_size", "32", "--data_path", data_path,
-                             "--epochs", epochs, "--batch_size", "8", "--device", "cpu", "--num_workers", "0",
-                             "--print_freq", "1", "--job_dir", job_dir, env=env, timeout=120)
+                             "--epochs", epochs, "--batch_size", "8", "--device", "cpu", "--amp", "none",
+                             "--num_workers", "0", "--print_freq", "1", "--job_dir", job_dir, env=env, timeout=120)
         assert result.returncode == 0, result.stderr
         match = re.search(r"submitted job (\d+)", result.stdout)
         assert match, result.stdout
