@@ -2,12 +2,14 @@
 
     python export.py --checkpoint output_dir/checkpoint-last.pth --format hf --output_dir vit-mae-mine
     python export.py --checkpoint output_dir/checkpoint-last.pth --format timm --output_dir vit-mine
+    python export.py --checkpoint output_dir/checkpoint-last.dcp --format pth --output_dir consolidated
 
 ``hf``: a ``transformers`` ViTMAEForPreTraining directory (ViTMAEModel for encoder-only weights): config.json and
 model.safetensors, with the same outputs for the same ``noise``. ``timm``: the encoder (a fine-tuned classifier with
 its head) as timm's model.safetensors and config.json (``pretrained_cfg``): ``timm.create_model("local-dir:DIR",
 pretrained=True)``, or ``timm.create_model(ARCHITECTURE, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` with
-config.json's model_args, gives our ``vit_*``'s outputs. ``--push_to_hub ORG/NAME`` uploads the directory."""
+config.json's model_args, gives our ``vit_*``'s outputs. ``pth``: ``checkpoint.pth`` in the original layout (model,
+epoch, args), e.g. from an ``--fsdp`` run's sharded directory. ``--push_to_hub ORG/NAME`` uploads the directory."""
 import argparse
 import json
 from pathlib import Path
@@ -18,7 +20,8 @@ import timm
 import torch.nn as nn
 
 from util import weights
-from util.checkpoint import PRETRAINING_ONLY, fit_state_dict, load_checkpoint_file, model_state_dict, saved_args
+from util.checkpoint import (PRETRAINING_ONLY, fit_state_dict, load_checkpoint_file, model_state_dict, save_atomic,
+                             saved_args)
 from util.cli import Parser, count, run
 from util.datasets import dataset_info
 from util.errors import UserError, one_line
@@ -29,8 +32,9 @@ def get_args_parser():
     parser = Parser("Export weights as a Hugging Face ViTMAE or a timm ViT directory", add_help=True)
     parser.add_argument("--checkpoint", required=True, help="the weights (any name --finetune takes)")
     parser.add_argument("--output_dir", required=True, help="the directory to write")
-    parser.add_argument("--format", choices=("hf", "timm"), default="hf",
-                        help="hf: transformers' ViTMAE (a pretraining checkpoint); timm: timm's ViT (the encoder)")
+    parser.add_argument("--format", choices=("hf", "timm", "pth"), default="hf",
+                        help="hf: transformers' ViTMAE (a pretraining checkpoint); timm: timm's ViT (the encoder); "
+                             "pth: the model in the original layout, one checkpoint.pth (consolidates --fsdp's shards)")
     parser.add_argument("--model", default=None, help="the checkpoint's model (default: from its training arguments)")
     parser.add_argument("--input_size", type=count(1), default=None, help="image size (default: the checkpoint's, 224)")
     parser.add_argument("--push_to_hub", default=None, metavar="ORG/NAME", help="upload the directory (online)")
@@ -103,6 +107,11 @@ def main(args):
     in_chans = state["patch_embed.proj.weight"].shape[1]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.format == "pth":  # the original layout in one file, e.g. an --fsdp checkpoint directory consolidated
+        save_atomic({"model": state, **{k: checkpoint[k] for k in ("epoch", "args") if k in checkpoint}},
+                    out / "checkpoint.pth")
+        print(f"wrote {out / 'checkpoint.pth'}")
+        return
     if args.format == "hf":
         hf_state, config = export_hf(state, saved, name, img_size, in_chans, args.checkpoint)
         safetensors.torch.save_file(hf_state, out / "model.safetensors", metadata={"format": "pt"})

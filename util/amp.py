@@ -55,7 +55,7 @@ class GradientUpdater:
             norm = total_norm([p.grad for p in parameters])
         self.scaler.step(optimizer)
         self.scaler.update()
-        return norm
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded DTensor
 
     def state_dict(self):
         return self.scaler.state_dict()

@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 
-from util import distributed, output_dir, weights
+from util import distributed, output_dir, sharded, weights
 from util.errors import UserError, one_line
 from util.logger import drop_log_lines_from
 
@@ -48,6 +48,8 @@ def load_checkpoint_file(path) -> dict:
             local.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(path, str(local))
         path = str(local)
+    if sharded.is_sharded(path):  # an --fsdp checkpoint directory: its model consolidated in this process
+        return {**sharded.load_extra(path), "model": sharded.consolidated_model_state(path)}
     file, config = weights.locate(weights.resolve(path))
     if not os.path.isfile(file):
         raise UserError(f"checkpoint {path} does not exist")
@@ -239,18 +241,21 @@ def _set_rng_state(state: dict) -> None:
 def save_training_state(args, epoch, model, optimizer, updater, *, keep=False, max_accuracy=0.0, next_step=0):
     """Write ``checkpoint-last.pth`` (and ``checkpoint-EPOCH.pth`` when ``keep``) atomically on rank 0: the original's
     entries (``args`` as a plain dict) plus every rank's RNG state for an exact resume; ``next_step`` > 0 marks a
-    checkpoint inside ``epoch``. Call on every rank (the RNG states are gathered with a collective)."""
+    checkpoint inside ``epoch``. Under ``--fsdp``, directories ``checkpoint-*.dcp`` of every rank's shards instead.
+    Call on every rank (the RNG states are gathered with a collective)."""
     rng = distributed.all_gather_object(_rng_state())
-    if not args.output_dir or not distributed.is_main_process():
+    if not args.output_dir:
         return
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "scaler": updater.state_dict(), "args": jsonable_args(args), "rng": rng, "max_accuracy": max_accuracy}
-    if next_step:
-        state["next_step"] = next_step
+    state = {"epoch": epoch, "scaler": updater.state_dict(), "args": jsonable_args(args), "rng": rng,
+             "max_accuracy": max_accuracy, **({"next_step": next_step} if next_step else {})}
+    names = ([f"checkpoint-{epoch}"] if keep else []) + ["checkpoint-last"]  # copies: damage must not take both
     out = Path(args.output_dir)
-    if keep:  # a copy of its own, not a link: damage to one file must not take both
-        save_atomic(state, out / f"checkpoint-{epoch}.pth")
-    save_atomic(state, out / "checkpoint-last.pth")
+    for name in names:
+        if getattr(args, "fsdp", False):
+            sharded.save(out / f"{name}.dcp", model, optimizer, state)
+        elif distributed.is_main_process():
+            full = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}
+            save_atomic(full, out / f"{name}.pth")
 
 
 class Resumed(NamedTuple):
@@ -269,13 +274,19 @@ def resume_training(args, model, optimizer=None, updater=None) -> Resumed:
     path, checkpoint = _checkpoint_to_resume(args)
     if checkpoint is None:
         return Resumed(epoch=args.start_epoch)
-    fit_state_dict(model, model_state_dict(checkpoint, path), f"cannot resume from {path}:", adapt=False)
+    is_sharded = sharded.is_sharded(path)
+    with_optimizer = optimizer is not None and "epoch" in checkpoint and not getattr(args, "eval", False)
+    if is_sharded:  # resharded to this run's processes by DCP
+        sharded.load_into(path, model, optimizer if with_optimizer else None)
+    else:
+        fit_state_dict(model, model_state_dict(checkpoint, path), f"cannot resume from {path}:", adapt=False)
     print(f"resumed model from {path}")
     resumed = Resumed(epoch=args.start_epoch, max_accuracy=checkpoint.get("max_accuracy", 0.0),
                       args=saved_args(checkpoint))
-    if optimizer is None or "optimizer" not in checkpoint or "epoch" not in checkpoint or getattr(args, "eval", False):
+    if not with_optimizer or not (is_sharded or "optimizer" in checkpoint):
         return resumed
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    if not is_sharded:
+        optimizer.load_state_dict(checkpoint["optimizer"])
     if updater is not None and "scaler" in checkpoint:
         updater.load_state_dict(checkpoint["scaler"])
     rng = checkpoint.get("rng")
@@ -295,12 +306,15 @@ def resume_training(args, model, optimizer=None, updater=None) -> Resumed:
 def _checkpoint_to_resume(args):
     """(path, checkpoint) of ``--resume``, or with ``--auto_resume`` of the newest loadable one; (None, None)."""
     if args.resume:
-        return args.resume, load_checkpoint_file(args.resume)
+        read = sharded.load_extra if sharded.is_sharded(args.resume) else load_checkpoint_file
+        return args.resume, read(args.resume)
     if not (args.auto_resume and args.output_dir):
         return None, None
     found = output_dir.checkpoints(Path(args.output_dir))
     for path in found:
         try:
+            if sharded.is_sharded(path):  # its shards are read straight into the model
+                return str(path), sharded.load_extra(path)
             checkpoint = load_checkpoint_file(path)
             model_state_dict(checkpoint, path)
             return str(path), checkpoint

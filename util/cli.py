@@ -90,6 +90,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing: recompute the blocks' "
                    "activations in the backward pass instead of storing them (less memory, ~1/3 more compute)")
+    g.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
+                   "processes (FSDP2; checkpoints: checkpoint-*.dcp directories) instead of replicating them (DDP)")
     g.add_argument("--world_size", default=1, type=int, help="set from the environment (torchrun, SLURM)")
     g.add_argument("--local_rank", default=-1, type=int, help="ignored; torchrun's LOCAL_RANK is read instead")
     g.add_argument("--dist_on_itp", action="store_true", help="ignored; kept for the original command lines")

@@ -67,7 +67,7 @@ def init_distributed_mode(args) -> None:
         env.setdefault("MASTER_PORT", str(20000 + int(re.sub(r"\D", "", env.get("SLURM_JOB_ID", "")) or 0) % 20000))
     else:
         args.rank, args.world_size, args.gpu = 0, 1, 0
-    args.distributed = args.world_size > 1
+    args.distributed = args.world_size > 1 or getattr(args, "fsdp", False)  # FSDP needs a group, even of one
     if not args.distributed:
         return
     use_cuda = str(args.device).startswith("cuda")
@@ -83,8 +83,16 @@ def init_distributed_mode(args) -> None:
             env["GLOO_SOCKET_IFNAME"] = interface
     print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}): {args.dist_url}"
           + (f", GLOO_SOCKET_IFNAME={interface}" if interface else ""), flush=True)
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
-                            timeout=datetime.timedelta(minutes=30),
+    timeout, store = datetime.timedelta(minutes=30), None
+    if args.world_size == 1:  # --fsdp in one process: a group of one, no rendezvous
+        store = dist.HashStore()
+    elif env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps its store across worker restarts, and env:// would hand restarted workers the
+        # previous attempt's peer addresses (they then fail to connect): one key prefix per attempt
+        store = dist.PrefixStore(f"attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", dist.TCPStore(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), args.world_size, is_master=False, timeout=timeout))
+    dist.init_process_group(backend=backend, init_method=None if store else args.dist_url, store=store,
+                            world_size=args.world_size, rank=args.rank, timeout=timeout,
                             device_id=torch.device("cuda", args.gpu) if use_cuda else None)
     dist.barrier()
     builtin_print, is_main = builtins.print, args.rank == 0
@@ -99,6 +107,11 @@ def init_distributed_mode(args) -> None:
 def destroy() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:

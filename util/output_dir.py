@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 from pathlib import Path
 
 from util import distributed
 from util.errors import UserError
 
-RUN_FILES = ("checkpoint-*.pth", "log.txt", "log_steps.txt")  # what a run writes; ``--overwrite`` deletes it
+RUN_FILES = ("checkpoint-*.pth", "checkpoint-*.dcp", "log.txt", "log_steps.txt")  # what --overwrite deletes
 _lock = None  # the open lock file of this process's run: flock is released when the process dies, never stale
 
 
 def checkpoints(out: Path) -> list[Path]:
-    """The run's checkpoints, newest first: ``checkpoint-last.pth``, then ``checkpoint-EPOCH.pth`` by epoch."""
-    kept = [(int(p.stem.split("-")[1]), p) for p in out.glob("checkpoint-*.pth") if p.stem.split("-")[1].isdigit()]
-    last = [out / "checkpoint-last.pth"] if (out / "checkpoint-last.pth").is_file() else []
-    return last + [p for _, p in sorted(kept, reverse=True)]
+    """The run's checkpoints, newest first: ``checkpoint-last``, then ``checkpoint-EPOCH`` by epoch (``.pth`` files;
+    ``.dcp`` directories under ``--fsdp``)."""
+    found = [p for p in out.glob("checkpoint-*") if p.suffix in (".pth", ".dcp")]
+    kept = [(int(p.stem.split("-")[1]), p) for p in found if p.stem.split("-")[1].isdigit()]
+    return [p for p in found if p.stem == "checkpoint-last"] + [p for _, p in sorted(kept, reverse=True)]
 
 
 def release() -> None:
@@ -59,14 +61,21 @@ def _claim_on_main(out: Path, args) -> str | None:
     _lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     _lock.flush()
     for orphan in out.glob(".checkpoint-*.tmp"):  # left by a run killed while saving; the lock says it is over
-        orphan.unlink(missing_ok=True)
+        _remove(orphan)
     earlier = checkpoints(out)
     if earlier and getattr(args, "overwrite", False):
         for pattern in RUN_FILES:
             for path in out.glob(pattern):
-                path.unlink()
+                _remove(path)
         print(f"--overwrite: deleted the earlier run's checkpoints and logs in {out}")
     elif earlier and not (args.auto_resume or args.resume):
         return (f"--output_dir {out} holds an earlier run ({earlier[0].name}); pass --auto_resume to continue it, "
                 f"--overwrite to start afresh (its checkpoints and logs are deleted), or another --output_dir")
     return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():  # an --fsdp checkpoint
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

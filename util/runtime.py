@@ -10,14 +10,15 @@ import torch
 
 import models_mae  # noqa: F401  (registers the mae_vit_* models with timm)
 import models_vit  # noqa: F401  (registers the vit_* classifiers)
-from util import distributed, output_dir
+from util import distributed, output_dir, sharded
 from util.amp import resolve_amp
 from util.checkpoint import jsonable_args
 from util.errors import UserError
 
 
 def setup_run(args) -> torch.device:
-    """Start distributed mode, pick the device, resolve ``args.amp``, seed every RNG (per rank), claim the output dir."""
+    """Start distributed mode, pick the device, resolve ``args.amp``, seed every RNG (per rank), claim the output
+    directory."""
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     distributed.init_distributed_mode(args)
@@ -59,11 +60,13 @@ def build_model(name: str, **kwargs) -> torch.nn.Module:
 
 
 def wrap_model(model: torch.nn.Module, args, device: torch.device):
-    """``--grad_ckpt``, DDP with several processes, then ``--compile``: the module to train (save ``model`` itself)."""
+    """``--grad_ckpt``, FSDP2 or DDP over the processes, then ``--compile``: the module to train (save ``model``)."""
     if args.grad_ckpt and hasattr(model, "set_grad_checkpointing"):  # a bare head has no blocks
         model.set_grad_checkpointing(True)
     wrapped = model.to(device)
-    if args.distributed:
+    if args.fsdp:
+        wrapped = sharded.shard(model, args.amp)
+    elif args.distributed:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
