@@ -20,7 +20,7 @@ from util.pos_embed import sincos_2d_tensor
 
 class MaskedAutoencoderViT(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
-                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, decoder_mlp_ratio=None,
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False, grad_ckpt=False):
         super().__init__()
         self.in_chans = in_chans
@@ -45,8 +45,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+        self.decoder_blocks = nn.ModuleList(  # the original has one MLP ratio for both; ViT-g's decoder needs its own
+            [Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio or mlp_ratio, qkv_bias=True,
+                   norm_layer=norm_layer)
              for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
         patch_h, patch_w = self.patch_embed.patch_size
@@ -225,10 +226,9 @@ def mae_vit_huge_patch14(pretrained=False, **kwargs):
 
 @register_model
 def mae_vit_giant_patch14(pretrained=False, **kwargs):
-    """timm's ViT-g/14 encoder (1408-d, 40 blocks, MLP ratio 48/11) with ViT-H's decoder; the class has one MLP ratio,
-    so the decoder's is 48/11 too."""
+    """timm's ViT-g/14 encoder (1408-d, 40 blocks, MLP ratio 48/11) with ViT-H's decoder (512-d, 8 blocks, ratio 4)."""
     return _create(pretrained, dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11,
-                                    **DECODER_512D8B), **kwargs)
+                                    decoder_mlp_ratio=4.0, **DECODER_512D8B), **kwargs)
 
 
 @register_model

@@ -33,7 +33,9 @@ def runs(imagefolder, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     script = pinned_randomness_script(root)
     out = {name: root / name for name in ("fsdp", "ddp", "fsdp_2_epochs")}
-    torchrun(script, [*synchronised_argv(imagefolder, out["fsdp"], 8), "--epochs", "4", "--fsdp"])
+    # with the figures and the kNN monitor, whose forward passes every rank must join under FSDP
+    torchrun(script, [*synchronised_argv(imagefolder, out["fsdp"], 8), "--epochs", "4", "--fsdp", "--vis_freq", "2",
+                      "--knn_freq", "2"])
     torchrun(script, [*synchronised_argv(imagefolder, out["ddp"], 8), "--epochs", "4"])
     torchrun(script, [*synchronised_argv(imagefolder, out["fsdp_2_epochs"], 8), "--epochs", "2", "--fsdp"])
     return script, out
@@ -44,6 +46,9 @@ def test_fsdp_trains_as_ddp(runs):
     order of the additions (rounding of the order of 1e-7 per step)."""
     _, out = runs
     assert len(losses(out["fsdp"])) == 4
+    assert [line["epoch"] for line in log_lines(out["fsdp"]) if "knn_acc1" in line] == [0, 2, 3]
+    assert sorted(p.name for p in (out["fsdp"] / "vis").iterdir()) == ["epoch_0000.png", "epoch_0002.png",
+                                                                       "epoch_0003.png"]
     assert losses(out["fsdp"]) == pytest.approx(losses(out["ddp"]), rel=1e-5)
     assert sorted(p.name for p in out["fsdp"].glob("checkpoint-*")) == [
         "checkpoint-0.dcp", "checkpoint-3.dcp", "checkpoint-last.dcp"]

@@ -102,7 +102,8 @@ class ReconstructionLogger:
 
     def __init__(self, args, num_images: int = 8, seed: int = 0):
         self.output_dir, self.mask_ratio, self.seed = args.output_dir, args.mask_ratio, seed
-        self.active = distributed.is_main_process() and bool(args.output_dir or args.log_dir)
+        self.writes = distributed.is_main_process() and bool(args.output_dir or args.log_dir)
+        self.active = self.writes or getattr(args, "fsdp", False)  # a sharded model needs every rank in its forward
         if self.active:
             self.mean, self.std = dataset_info(args)[:2]
             try:
@@ -117,7 +118,8 @@ class ReconstructionLogger:
         if not self.active:
             return None
         noise = fixed_noise(len(self.images), model.patch_embed.num_patches, self.seed)
-        path = os.path.join(self.output_dir, "vis", f"epoch_{epoch:04d}.png") if self.output_dir else None
+        writes_file = self.output_dir and self.writes
+        path = os.path.join(self.output_dir, "vis", f"epoch_{epoch:04d}.png") if writes_file else None
         image = draw(model, self.images, noise, [self.mask_ratio], self.mean, self.std, f"epoch {epoch}", path)
         if log_writer is not None:
             log_writer.add_image("reconstruction", image, epoch)
@@ -157,7 +159,7 @@ def plot_loss_curve(log_txt_path, out_png) -> str:
         window = max(1, len(loss) // 50)  # a trailing mean over 2 % of the run
         axes[0].plot(x, loss, color="C0", alpha=0.25, linewidth=0.5, label="per iteration")
         axes[0].plot(x[window - 1:], np.convolve(loss, np.ones(window) / window, mode="valid"), color="C0",
-                     label=f"mean of {window}")
+                     label=f"running mean of {window}")
         for epoch in range(int(x[0]) + 1, math.ceil(x[-1])):
             axes[0].axvline(epoch, color="grey", linewidth=0.5, linestyle=":")
         axes[0].legend()

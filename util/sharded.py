@@ -14,7 +14,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._nested_dict import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from util import distributed
 from util.errors import UserError
@@ -31,6 +31,8 @@ def shard(model: torch.nn.Module, amp: str) -> torch.nn.Module:
     for block in [*getattr(model, "blocks", ()), *getattr(model, "decoder_blocks", ())]:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    if hasattr(model, "forward_encoder"):  # the kNN monitor's entry point gathers the parameters as forward does
+        register_fsdp_forward_method(model, "forward_encoder")
     return model
 
 
