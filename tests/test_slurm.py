@@ -21,6 +21,8 @@ import pytest
 import torch
 from conftest import REPO, run_program
 
+from util import sharded
+
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 REQUIRE_SLURM = os.environ.get("MAE_REQUIRE_SLURM") == "1"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -183,13 +185,15 @@ def slurm_data(tmp_path_factory):
 class Job:
     """A job submitted through submitit_pretrain.py, and what the tests look at."""
 
-    def __init__(self, env, data_path, job_dir, epochs, nodes=1, tasks_per_node=2, model="mae_vit_tiny_patch4"):
+    def __init__(self, env, data_path, job_dir, epochs, nodes=1, tasks_per_node=2, model="mae_vit_tiny_patch4",
+                 extra=()):
         self.env, self.dir, self.epochs = env, Path(job_dir), epochs
         result = run_program("submitit_pretrain.py", "--nodes", nodes, "--ngpus", "0", "--tasks_per_node",
                              tasks_per_node, "--partition", "debug", "--timeout", "60",  # >10 min: USR2 = preemption
                              "--model", model, "--input_size", "32", "--data_path", data_path,
                              "--epochs", epochs, "--batch_size", "8", "--device", "cpu", "--amp", "none",
-                             "--num_workers", "0", "--print_freq", "1", "--job_dir", job_dir, env=env, timeout=120)
+                             "--num_workers", "0", "--print_freq", "1", "--job_dir", job_dir, *extra, env=env,
+                             timeout=120)
         assert result.returncode == 0, result.stderr
         match = re.search(r"submitted job (\d+)", result.stdout)
         assert match, result.stdout
@@ -380,3 +384,16 @@ def test_job_requeued_by_slurm_resumes(submit_job, uninterrupted_job):
     job.check_finished()
     job.check_resumed(logged_before)
     job.check_same_training_as(uninterrupted_job)
+
+
+def test_sharded_job_writes_every_tasks_shards(slurm_env, slurm_data, tmp_path):
+    """--fsdp through the launcher: two SLURM tasks train one sharded model and checkpoint it with DCP."""
+    job = Job(slurm_env, slurm_data, tmp_path / "job", 2, extra=["--fsdp"])
+    try:
+        job.wait_until_done()
+    finally:
+        job.cancel()
+    assert job.logged_epochs() == [0, 1]
+    last = job.dir / "checkpoint-last.dcp"
+    assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "extra.pth"]
+    assert sharded.load_extra(last)["epoch"] == 1
