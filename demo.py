@@ -44,7 +44,7 @@ def get_args_parser():
     g = parser.add_argument_group("budget (defaults: about 10 minutes on 2 CPU cores)")
     g.add_argument("--model", default="mae_vit_micro_patch4",
                    help="MAE model to pretrain; its classifier twin (without 'mae_') is probed and fine-tuned")
-    g.add_argument("--pretrain_epochs", default=4, type=count(1))
+    g.add_argument("--pretrain_epochs", default=3, type=count(1))
     g.add_argument("--blr", default=1.5e-3, type=float, help="pretraining base lr (lr = blr x batch / 256)")
     g.add_argument("--mask_ratio", default=0.75, type=float)
     g.add_argument("--pretrain_images", default=0, type=count(0), metavar="N", help="first N training images (0: all)")
@@ -52,10 +52,12 @@ def get_args_parser():
                    help="memory bank of the kNN monitor, printed every pretraining epoch")
     g.add_argument("--probe_epochs", default=30, type=count(1), help="epochs of the head on cached features (cheap)")
     g.add_argument("--finetune_epochs", default=2, type=count(1))
-    g.add_argument("--finetune_blr", default=4e-3, type=float)
+    g.add_argument("--finetune_blr", default=1e-2, type=float, help="fine-tuning base lr (lr = blr x batch / 256)")
+    g.add_argument("--finetune_batch_size", default=32, type=count(1),
+                   help="small: a short fine-tuning needs steps more than images per step")
     g.add_argument("--downstream_images", default=20000, type=count(0), metavar="N",
                    help="first N training images for probing and fine-tuning (0: all)")
-    g.add_argument("--batch_size", default=128, type=count(1))
+    g.add_argument("--batch_size", default=128, type=count(1), help="of pretraining and probing")
     g.add_argument("--no_random_init", action="store_false", dest="random_init",
                    help="skip the random-init stages, which do not depend on the pretraining (e.g. comparing targets)")
     g = parser.add_argument_group("pretraining target (see main_pretrain.py --help)")
@@ -85,8 +87,7 @@ def stage_commands(args) -> dict:
     runs in fp32 (--amp none), so a host's mixed-precision default cannot change the table."""
     out = args.output_dir
     common = ["--dataset", "fashion_mnist", "--data_path", args.data_path, "--input_size", "28", "--amp", "none",
-              "--device", args.device, "--num_workers", str(args.num_workers), "--seed", str(args.seed),
-              "--batch_size", str(args.batch_size)]
+              "--device", args.device, "--num_workers", str(args.num_workers), "--seed", str(args.seed)]
     classifier = args.model.removeprefix("mae_")
     pretrained = os.path.join(out, "pretrain", "checkpoint-last.pth")
 
@@ -94,8 +95,8 @@ def stage_commands(args) -> dict:
         return ["--output_dir", os.path.join(out, name), "--log_dir", os.path.join(out, name)] + common + extra
 
     pretrain = stage("pretrain", [
-        "--model", args.model, "--target", args.target, "--mask_ratio", str(args.mask_ratio),
-        "--epochs", str(args.pretrain_epochs), "--warmup_epochs", "1", "--blr", str(args.blr),
+        "--model", args.model, "--batch_size", str(args.batch_size), "--target", args.target, "--mask_ratio",
+        str(args.mask_ratio), "--epochs", str(args.pretrain_epochs), "--warmup_epochs", "1", "--blr", str(args.blr),
         "--max_train_images", str(args.pretrain_images), "--vis_freq", "1", "--save_freq", "1000",
         "--knn_freq", "1", "--knn_train_images", str(args.knn_train_images)]
         + (["--teacher_checkpoint", args.teacher_checkpoint] if args.teacher_checkpoint else []))
@@ -103,12 +104,14 @@ def stage_commands(args) -> dict:
     # Probe the mean patch token: a few MAE epochs give the class token little reason to summarise the image (the
     # paper probes it after 800+). Cached features make many epochs cheap. LARS moves a weight by about lr x 0.001 of
     # its norm per step: a short run at batch 128 needs more than the original's lr (6.4 at batch 16384, 90 epochs).
-    probe = downstream + ["--global_pool", "--cache_features", "--epochs", str(args.probe_epochs),
-                          "--warmup_epochs", "1", "--lr", "16", "--weight_decay", "0.0"]
-    # A short schedule: light augmentation (no RandAugment, erasing or mixup), no warmup, no drop path.
-    finetune = downstream + ["--epochs", str(args.finetune_epochs), "--warmup_epochs", "0",
-                             "--blr", str(args.finetune_blr), "--layer_decay", "0.75", "--weight_decay", "0.05",
-                             "--drop_path", "0.0", "--aa", "none", "--reprob", "0.0", "--smoothing", "0.1"]
+    probe = downstream + ["--batch_size", str(args.batch_size), "--global_pool", "--cache_features", "--epochs",
+                          str(args.probe_epochs), "--warmup_epochs", "1", "--lr", "16", "--weight_decay", "0.0"]
+    # A short schedule: light augmentation (no RandAugment, erasing or mixup), no warmup, no drop path; a strong layer
+    # decay lets the new head learn fast while the pretrained blocks move little.
+    finetune = downstream + ["--epochs", str(args.finetune_epochs), "--warmup_epochs", "0", "--batch_size",
+                             str(args.finetune_batch_size), "--blr", str(args.finetune_blr), "--layer_decay", "0.5",
+                             "--weight_decay", "0.05", "--drop_path", "0.0", "--aa", "none", "--reprob", "0.0",
+                             "--smoothing", "0.1"]
     stages = {"pretrain": (main_pretrain, pretrain)}
     for protocol, program, argv in (("linprobe", main_linprobe, probe), ("finetune", main_finetune, finetune)):
         stages[f"{protocol}_pretrained"] = (program, stage(f"{protocol}_pretrained", argv + ["--finetune", pretrained]))

@@ -150,7 +150,7 @@ def plot_loss_curve(log_txt_path, out_png) -> str:
         raise UserError(f"{log_txt_path} has no JSON lines with an epoch")
     step_log = os.path.join(os.path.dirname(os.path.abspath(log_txt_path)), STEP_LOG)
     steps = read_log(step_log, key="step") if os.path.isfile(step_log) else []
-    knn = [(r["epoch"], r["knn_acc1"]) for r in records if "knn_acc1" in r]
+    knn = [(r["epoch"] + 1, r["knn_acc1"]) for r in records if "knn_acc1" in r]  # after the epoch
     fig = Figure(figsize=(8, 5.5), dpi=100, layout="constrained")
     axes = fig.subplots(1, 2, width_ratios=(2, 1)) if knn else [fig.subplots()]
     if steps:
@@ -170,7 +170,7 @@ def plot_loss_curve(log_txt_path, out_png) -> str:
         axes[1].plot(*zip(*knn), marker="o", color="C1")
         axes[1].set_ylabel(f"kNN top-1 accuracy (%, k {K}, T {TEMPERATURE})")
     for ax in axes:
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epochs trained" if steps or ax is not axes[0] else "epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
