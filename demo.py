@@ -92,7 +92,8 @@ def stage_commands(args) -> dict:
     pretrained = os.path.join(out, "pretrain", "checkpoint-last.pth")
 
     def stage(name, extra):
-        return ["--output_dir", os.path.join(out, name), "--log_dir", os.path.join(out, name)] + common + extra
+        return ["--output_dir", os.path.join(out, name), "--log_dir", os.path.join(out, name), "--overwrite"] \
+            + common + extra  # a demo run again starts afresh
 
     pretrain = stage("pretrain", [
         "--model", args.model, "--batch_size", str(args.batch_size), "--target", args.target, "--mask_ratio",

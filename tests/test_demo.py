@@ -85,3 +85,16 @@ def test_demo_downloads_fashion_mnist_only_when_missing_and_says_what_to_install
     with pytest.raises(UserError, match="downloading it failed \\(no network\\): apt-get install dataset-fashion-mnist"):
         demo.find_fashion_mnist(str(tmp_path / "empty"))
     assert downloads == [str(tmp_path / "empty")]
+
+
+def test_demo_run_again_starts_each_stage_afresh(demo_run):
+    """The runs of the first demo are replaced (--overwrite), not refused or appended to."""
+    out, _ = demo_run
+    data = json.loads((out / "results.json").read_text())["args"]["data_path"]
+    result = run_program("demo.py", "--data_path", data, "--output_dir", out,
+                         "--device", "cpu", "--num_workers", "0", "--batch_size", "16", "--pretrain_epochs", "1",
+                         "--probe_epochs", "1", "--finetune_epochs", "1", "--downstream_images", "48",
+                         "--knn_train_images", "40", "--no_random_init", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--overwrite: deleted the earlier run's checkpoints and logs" in result.stdout
+    assert [json.loads(line)["epoch"] for line in (out / "pretrain" / "log.txt").read_text().splitlines()] == [0]

@@ -63,11 +63,12 @@ def _claim_on_main(out: Path, args) -> str | None:
     for orphan in out.glob(".checkpoint-*.tmp"):  # left by a run killed while saving; the lock says it is over
         _remove(orphan)
     earlier = checkpoints(out)
-    if earlier and getattr(args, "overwrite", False):
-        for pattern in RUN_FILES:
-            for path in out.glob(pattern):
-                _remove(path)
-        print(f"--overwrite: deleted the earlier run's checkpoints and logs in {out}")
+    if getattr(args, "overwrite", False):
+        previous = [path for pattern in RUN_FILES for path in out.glob(pattern)]
+        for path in previous:
+            _remove(path)
+        if previous:
+            print(f"--overwrite: deleted the earlier run's checkpoints and logs in {out}")
     elif earlier and not (args.auto_resume or args.resume):
         return (f"--output_dir {out} holds an earlier run ({earlier[0].name}); pass --auto_resume to continue it, "
                 f"--overwrite to start afresh (its checkpoints and logs are deleted), or another --output_dir")
