@@ -64,7 +64,7 @@ def wrap_model(model: torch.nn.Module, args, device: torch.device):
     if args.grad_ckpt and hasattr(model, "set_grad_checkpointing"):  # a bare head has no blocks
         model.set_grad_checkpointing(True)
     wrapped = model.to(device)
-    if args.fsdp:
+    if getattr(args, "fsdp", False):
         wrapped = sharded.shard(model, args.amp)
     elif args.distributed:
         wrapped = torch.nn.parallel.DistributedDataParallel(
