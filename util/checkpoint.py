@@ -19,6 +19,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from timm.layers import resample_abs_pos_embed, trunc_normal_
+from torch.utils._pytree import tree_leaves
 
 from util import distributed, output_dir, sharded, weights
 from util.errors import UserError, one_line
@@ -197,7 +198,7 @@ def save_atomic(obj, path) -> None:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
-        needed = sum(t.numel() * t.element_size() for t in _tensors(obj))
+        needed = sum(t.nbytes for t in tree_leaves(obj) if isinstance(t, torch.Tensor))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, RuntimeError) \
                 and free < needed:  # torch reports a full disk as a RuntimeError of its zip writer
             raise UserError(f"cannot write checkpoint {path}: no space left on the device ({free / 2**20:.0f} MiB "
@@ -205,17 +206,6 @@ def save_atomic(obj, path) -> None:
         if isinstance(e, OSError):
             raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
         raise
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors(value)
 
 
 def _rng_state() -> dict:
