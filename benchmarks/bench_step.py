@@ -38,7 +38,7 @@ from benchmarks.with_mask_tokens import MaskedAutoencoderWithMaskTokens  # noqa:
 from util.amp import (AMP_CHOICES, GradientUpdater, autocast, cpu_has_bf16_matrix_units,  # noqa: E402
                       resolve_amp)
 from util.cli import default_device  # noqa: E402
-from util.runtime import adamw, build_model  # noqa: E402
+from util.runtime import adamw, build_model, choose_attention, keep_freed_memory  # noqa: E402
 
 
 def get_args_parser():
@@ -60,6 +60,12 @@ def get_args_parser():
     p.add_argument("--vs_fp32", action=argparse.BooleanOptionalAction, default=True,
                    help="with --amp bf16/fp16, also time the fp32 pretraining step against an fp32 peak and print the "
                         "speedup (default: on)")
+    p.add_argument("--attention", default="auto", choices=("auto", "fused", "plain"),
+                   help="timm's attention path: auto as the programs choose it (plain matmuls under bf16 on a CPU, else fused), "
+                        "fused (F.scaled_dot_product_attention) or plain")
+    p.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, keep freed memory in the heap as the programs do (util.runtime.keep_freed_memory); "
+                        "--no-keep_freed_memory measures glibc's default")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of the encoder blocks")
     p.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth of the fine-tuning model")
     p.add_argument("--optimizer", default="auto", choices=("auto", "fused", "foreach", "forloop"),
@@ -95,7 +101,7 @@ def environment(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
-        "fused_attn": bool(timm.layers.use_fused_attn()),
+        "fused_attn": bool(timm.layers.use_fused_attn()),  # read after main() chose the attention path
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
@@ -261,7 +267,9 @@ def format_table(report: dict) -> str:
         f"{report['device']} ({report['device_type']}), torch {report['torch']}, {report['threads']} threads, "
         f"{report['date']}",
         f"batch {args['batch_size']}, {args['input_size']} px, amp {args['amp']}, compile {args['compile']}, "
-        f"mask ratio {args['mask_ratio']}",
+        f"mask ratio {args['mask_ratio']}, attention {'fused' if report['fused_attn'] else 'plain'}"
+        + (f", freed memory {'kept' if args['keep_freed_memory'] else 'returned (glibc default)'}"
+           if report["device_type"] == "cpu" else ""),
         f"{'step':<20}{'model':<24}{'img/s':>9}{'ms/step':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}{'of peak':>9}"
         f"{'cpu share':>11}",
     ]
@@ -279,8 +287,9 @@ def format_table(report: dict) -> str:
     if v:
         lines.append(f"{args['amp']} pretraining step: {v['fraction_of_peak']:.1%} of the {peak['dtype']} matmul "
                      f"peak, {v['speedup']:.2f}x the fp32 step of this run ({v['fp32_images_per_s']:.2f} img/s, "
-                     f"{v['fp32_fraction_of_peak']:.1%} of the fp32 peak, "
-                     f"{v['fp32_peak_flops_per_s'] / 1e9:.1f} GFLOP/s)")
+                     f"{v['fp32_fraction_of_peak']:.1%} of the fp32 peak of "
+                     f"{v['fp32_peak_flops_per_s'] / 1e9:.1f} GFLOP/s, attention "
+                     f"{'fused' if report['fp32_fused_attn'] else 'plain'})")
     if report.get("no_bf16_units"):
         lines.append("this CPU has no bf16 matrix units (no AMX): bf16 matmuls are emulated and cannot be fast here")
     s = report.get("speedup_vs_mask_tokens")
@@ -299,6 +308,11 @@ def main(args) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     args.amp = resolve_amp(args.amp, device)
+    choose_attention(device, args.amp)
+    if args.attention != "auto":
+        timm.layers.set_fused_attn(args.attention == "fused")
+    if device.type == "cpu" and args.keep_freed_memory:
+        keep_freed_memory()
     if device.type == "cuda":  # as the training programs set it
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -335,7 +349,10 @@ def main(args) -> dict:
         fp32_peak = MatmulPeak(device, torch.float32)
         fp32_peak.sweep(sizes, args.peak_reps)
         fp32_args = argparse.Namespace(**{**vars(args), "amp": "none", "profile": 0})
+        if args.attention == "auto":  # the fp32 step as the programs run it (fused attention on CPUs too)
+            choose_attention(device, "none")
         fp32 = bench_one(fp32_args, "pretrain", device, fp32_peak)
+        report["fp32_fused_attn"] = bool(timm.layers.use_fused_attn())
         report["runs_fp32"] = [fp32]
         report["vs_fp32"] = {"speedup": fp32["step_time_s"] / runs["pretrain"]["step_time_s"],
                              "fraction_of_peak": runs["pretrain"]["fraction_of_peak"],

@@ -1,8 +1,15 @@
-"""Precision: the default by hardware, and how far a bf16 training step is from fp32's."""
+"""Precision and the CPU step: the default by hardware, how far a bf16 training step is from fp32's, and the
+process-wide CPU choices of util.runtime (attention path, freed memory)."""
+import ctypes
+import subprocess
+import sys
+
 import pytest
+import timm
 import torch
 
-from util import amp
+from conftest import REPO
+from util import amp, runtime
 from util.amp import autocast, resolve_amp
 from util.runtime import build_model
 
@@ -47,3 +54,49 @@ def test_bf16_step_stays_close_to_fp32():
     worst = max(errors, key=errors.get)
     print(f"loss {loss32:.5f} vs {loss16:.5f}; worst gradient {worst}: {errors[worst]:.4f}")
     assert errors[worst] < 0.05, (worst, errors[worst])
+
+
+@pytest.mark.parametrize("device,precision,fused", [("cpu", "bf16", False), ("cpu", "none", True),
+                                                     ("cuda", "bf16", True)])
+def test_attention_path_by_device_and_precision_computes_the_same(device, precision, fused):
+    """choose_attention: timm's plain matmul path under bf16 on a CPU (faster there), the fused kernel elsewhere; the
+    choice only changes speed. No CUDA device is touched: only the device type matters."""
+    images = torch.randn(2, 3, 32, 32)
+    outputs = {}
+    try:
+        for expected, (dev, amp_) in ((fused, (device, precision)), (not fused, ("cpu", "bf16" if fused else "none"))):
+            runtime.choose_attention(torch.device(dev), amp_)
+            torch.manual_seed(0)
+            model = build_model("mae_vit_tiny_patch4", img_size=32)
+            assert {m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")} == {expected}
+            torch.manual_seed(1)
+            outputs[expected] = model(images, mask_ratio=0.75)[1]
+    finally:
+        timm.layers.set_fused_attn(True)
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-5)
+
+
+PAGE_FAULTS = """
+import resource, sys, torch
+from util.runtime import keep_freed_memory
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+for _ in range(3):
+    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # warm-up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # 64 MiB allocated, touched and freed
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="the C library is not glibc")
+def test_keep_freed_memory_stops_page_faulting_reallocated_memory():
+    faults = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], cwd=REPO, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        faults[mode] = int(out.stdout)
+    pages = 10 * (64 << 20) // 4096
+    assert faults["default"] > pages / 2  # glibc maps every 64 MiB block afresh: each page faults in again
+    assert faults["keep"] < pages / 20, faults

@@ -1,4 +1,5 @@
 """Setting up a run: processes, device, precision and seeds; the model by name, its wrappers and its optimizer."""
+import ctypes
 import json
 import os
 import random
@@ -34,11 +35,33 @@ def setup_run(args) -> torch.device:
         if args.output_dir and output_dir.checkpoints(Path(args.output_dir)):
             args.resume = ""  # --resume only seeded the first attempt
     output_dir.claim(args)
+    choose_attention(device, args.amp)
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":  # TF32 matmuls for the fp32 parts; cudnn autotuning for fixed input sizes
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     print(json.dumps(jsonable_args(args), indent=1))
     return device
+
+
+def choose_attention(device: torch.device, amp: str) -> None:
+    """PyTorch's fused attention kernel, except under bf16 on a CPU: there its kernels are 3-12x slower than timm's
+    plain path (two matmuls and a softmax, as the original code computed attention) at MAE's sequence lengths, while
+    in fp32 the fused kernel is 1.2-2.9x faster (BENCHMARKS.md, "The bf16 step on a CPU"). Applies to the models
+    built afterwards."""
+    timm.layers.set_fused_attn(not (device.type == "cpu" and amp == "bf16"))
+
+
+def keep_freed_memory() -> None:
+    """glibc returns every large freed block to the OS and maps it afresh on the next allocation, so on CPU each step
+    page-faults its activations in again (about 80,000 faults per ViT-B step at batch 8). Keeping freed memory in
+    the heap removes that without raising the peak. A no-op where the C library is not glibc."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "mallopt"):
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def finish_run() -> None:
