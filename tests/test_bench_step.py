@@ -267,3 +267,12 @@ def test_torch_compile_runs_forward_and_backward_on_cpu():
                 assert torch.allclose(compiled_grads[name], p.grad, atol=1e-5), name
     finally:
         torch._dynamo.reset()
+
+
+def test_bench_attention_plain_path_computes_what_the_fused_kernel_does():
+    spec = importlib.util.spec_from_file_location("bench_attention", REPO / "benchmarks" / "bench_attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    q, k, v = (torch.randn(2, 3, 13, 8) for _ in range(3))
+    torch.testing.assert_close(module.plain(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert module.time_ms(module.plain, (2, 3, 13, 8), bf16=True, reps=2) > 0
