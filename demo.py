@@ -1,35 +1,40 @@
 """End-to-end MAE on real data: pretrain, then judge the encoder against the same encoder from random init and
 against a linear classifier on the raw pixels.
 
-    python demo.py                       # what `make demo` runs: Fashion-MNIST, about 12 minutes on 2 CPU cores
+    python demo.py                       # what `make demo` runs: Fashion-MNIST, about 10 minutes on 2 CPU cores
 
-Stages: MAE pretraining of ``mae_vit_micro_patch4`` with the kNN monitor (figures in ``pretrain/``); a linear probe
+Stages: MAE pretraining of ``mae_vit_mini_patch7`` with the kNN monitor (figures in ``pretrain/``); a linear probe
 and a fine-tuning of its encoder and, on the same budget, of the same encoder from random init; the probe's head
 and schedule on the raw pixels. The final test accuracies go to ``results.md`` and ``results.json``. Each stage
 is one of the package's programs, run with a printed command line (the pixel baseline: main_linprobe.py's pieces)."""
-import argparse
-import json
 import os
-import shlex
-import time
 
-import torch
-from timm.optim import Lars
-from torchvision.datasets import FashionMNIST
+# The loader worker shares the two cores with torch's OpenMP threads, which by default spin while they wait and take
+# its CPU time: passive waiting made a pretraining step 15 % faster here (BENCHMARKS.md §8). Set before torch starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import main_finetune
-import main_linprobe
-import main_pretrain
-from engine import evaluate, train_one_epoch
-from util.amp import GradientUpdater
-from util.cli import Parser, count, default_device, run
-from util.datasets import DEBIAN_FASHION_MNIST_DIR, build_dataset, dataset_info
-from util.errors import UserError, one_line
-from util.figures import read_log
-from util.logger import final_test_accuracy, write_log_line
-from util.lr_sched import set_effective_lr
-from util.runtime import setup_run
-from util.targets import TARGETS
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from timm.optim import Lars  # noqa: E402
+from torchvision.datasets import FashionMNIST  # noqa: E402
+
+import main_finetune  # noqa: E402
+import main_linprobe  # noqa: E402
+import main_pretrain  # noqa: E402
+from engine import evaluate, train_one_epoch  # noqa: E402
+from util.amp import GradientUpdater  # noqa: E402
+from util.cli import Parser, count, default_device, run  # noqa: E402
+from util.datasets import DEBIAN_FASHION_MNIST_DIR, build_dataset, dataset_info  # noqa: E402
+from util.errors import UserError, one_line  # noqa: E402
+from util.figures import read_log  # noqa: E402
+from util.logger import final_test_accuracy, write_log_line  # noqa: E402
+from util.lr_sched import set_effective_lr  # noqa: E402
+from util.runtime import setup_run  # noqa: E402
+from util.targets import TARGETS  # noqa: E402
 
 
 def get_args_parser():
@@ -41,8 +46,8 @@ def get_args_parser():
     g.add_argument("--device", default=default_device())
     g.add_argument("--num_workers", default=1, type=count(0))
     g.add_argument("--seed", default=0, type=int)
-    g = parser.add_argument_group("budget (defaults: about 12 minutes on 2 CPU cores)")
-    g.add_argument("--model", default="mae_vit_micro_patch4",
+    g = parser.add_argument_group("budget (defaults: about 10 minutes on 2 CPU cores)")
+    g.add_argument("--model", default="mae_vit_mini_patch7",
                    help="MAE model to pretrain; its classifier twin (without 'mae_') is probed and fine-tuned")
     g.add_argument("--pretrain_epochs", default=3, type=count(1))
     g.add_argument("--blr", default=1.5e-3, type=float, help="pretraining base lr (lr = blr x batch / 256)")

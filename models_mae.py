@@ -247,9 +247,17 @@ def mae_vit_tiny_patch4(pretrained=False, **kwargs):
 
 @register_model
 def mae_vit_micro_patch4(pretrained=False, **kwargs):
-    """The demo's model (0.5 M parameters): 96-d x 4 blocks, 4-px patches at 28 px, 1 channel, 64-d 1-block decoder."""
+    """0.5 M parameters: 96-d x 4 blocks, 4-px patches at 28 px, 1 channel, 64-d 1-block decoder."""
     return _create(pretrained, dict(img_size=28, in_chans=1, patch_size=4, embed_dim=96, depth=4, num_heads=3,
                                     decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2), **kwargs)
+
+
+@register_model
+def mae_vit_mini_patch7(pretrained=False, **kwargs):
+    """The demo's model (2.0 M parameters): 192-d x 4 blocks, 7-px patches at 28 px (16 patches), 1 channel, 128-d
+    1-block decoder."""
+    return _create(pretrained, dict(img_size=28, in_chans=1, patch_size=7, embed_dim=192, depth=4, num_heads=3,
+                                    decoder_embed_dim=128, decoder_depth=1, decoder_num_heads=4), **kwargs)
 
 
 # the original code's names

@@ -78,6 +78,13 @@ def vit_tiny_patch4(pretrained=False, **kwargs):
 
 @register_model
 def vit_micro_patch4(pretrained=False, **kwargs):
-    """Classifier twin of ``mae_vit_micro_patch4`` (the demo's model, 28 px, 1 channel)."""
+    """Classifier twin of ``mae_vit_micro_patch4`` (28 px, 1 channel)."""
     return _create(pretrained, dict(img_size=28, in_chans=1, patch_size=4, embed_dim=96, depth=4, num_heads=3),
+                   **kwargs)
+
+
+@register_model
+def vit_mini_patch7(pretrained=False, **kwargs):
+    """Classifier twin of ``mae_vit_mini_patch7`` (the demo's model, 28 px, 1 channel)."""
+    return _create(pretrained, dict(img_size=28, in_chans=1, patch_size=7, embed_dim=192, depth=4, num_heads=3),
                    **kwargs)
