@@ -1,7 +1,7 @@
 """End-to-end MAE on real data: pretrain, then judge the encoder against the same encoder from random init and
 against a linear classifier on the raw pixels.
 
-    python demo.py                       # what `make demo` runs: Fashion-MNIST, about 10 minutes on 2 CPU cores
+    python demo.py                       # what `make demo` runs: Fashion-MNIST, about 10 minutes on 2 idle CPU cores
 
 Stages: MAE pretraining of ``mae_vit_mini_patch7`` with the kNN monitor (figures in ``pretrain/``); a linear probe
 and a fine-tuning of its encoder and, on the same budget, of the same encoder from random init; the probe's head
@@ -46,7 +46,7 @@ def get_args_parser():
     g.add_argument("--device", default=default_device())
     g.add_argument("--num_workers", default=1, type=count(0))
     g.add_argument("--seed", default=0, type=int)
-    g = parser.add_argument_group("budget (defaults: about 10 minutes on 2 CPU cores)")
+    g = parser.add_argument_group("budget (defaults: about 10 minutes on 2 idle CPU cores)")
     g.add_argument("--model", default="mae_vit_mini_patch7",
                    help="MAE model to pretrain; its classifier twin (without 'mae_') is probed and fine-tuned")
     g.add_argument("--pretrain_epochs", default=3, type=count(1))
