@@ -99,4 +99,4 @@ def test_keep_freed_memory_stops_page_faulting_reallocated_memory():
         faults[mode] = int(out.stdout)
     pages = 10 * (64 << 20) // 4096
     assert faults["default"] > pages / 2  # glibc maps every 64 MiB block afresh: each page faults in again
-    assert faults["keep"] < pages / 20, faults
+    assert faults["keep"] < faults["default"] / 4, faults  # kept in the heap: at most a re-grow or two fault
