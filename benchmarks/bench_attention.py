@@ -3,14 +3,18 @@
     python benchmarks/bench_attention.py            # CPU, MAE's shapes: ViT-B's encoder and decoder, the demo model's
 
 ``util.runtime.choose_attention`` picks the path from these figures: the fused kernel
-(``F.scaled_dot_product_attention``) except under bf16 on a CPU. Median of ``--reps`` calls after 3 warm-up calls.
+(``F.scaled_dot_product_attention``) except under bf16 on a CPU. Median of ``--reps`` calls after 2 warm-up calls (bench_ablations' timing).
 """
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flat layout: the repository root holds the modules
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.bench_ablations import fwd_bwd, median_ms  # noqa: E402
 
 SHAPES = {  # (batch, heads, tokens, head dim) as the models run them
     "ViT-B encoder, batch 8": (8, 12, 50, 64),
@@ -27,19 +31,11 @@ def plain(q, k, v):  # timm's Attention with fused_attn=False
 def time_ms(attention, shape, bf16: bool, reps: int) -> float:
     q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
 
-    def call():
+    def output():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = attention(q, k, v)
-        out.float().sum().backward()
+            return attention(q, k, v).float()
 
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_ms(fwd_bwd(output, q, k, v), reps)
 
 
 def main():

@@ -46,9 +46,9 @@ def setup_run(args) -> torch.device:
 
 
 def choose_attention(device: torch.device, amp: str) -> None:
-    """PyTorch's fused attention kernel, except under bf16 on a CPU: there its kernels are 3.6-10x slower than timm's
+    """PyTorch's fused attention kernel, except under bf16 on a CPU: there its kernels are 3-10x slower than timm's
     plain path (two matmuls and a softmax, as the original code computed attention) at MAE's sequence lengths, while
-    in fp32 the fused kernel is 1.2-2.9x faster (BENCHMARKS.md, "The bf16 step on a CPU"). Applies to the models
+    in fp32 the fused kernel is as fast or faster (BENCHMARKS.md, "The bf16 step on a CPU"). Applies to the models
     built afterwards."""
     timm.layers.set_fused_attn(not (device.type == "cpu" and amp == "bf16"))
 
