@@ -38,6 +38,9 @@ def get_args_parser():
     g.add_argument("--trainable_blocks", type=count(0), default=None, metavar="K",
                    help="partial fine-tuning: train only the last K blocks, the final norm and the head")
     g = parser.add_argument_group("augmentation")
+    g.add_argument("--crop_padding", type=count(0), default=None, metavar="PX",
+                   help="images up to 64 px: random crops of the image padded by PX pixels (default: size / 8; "
+                        "0: no crop, flips only)")
     g.add_argument("--color_jitter", type=float, metavar="PCT", help="color jitter factor (used only without --aa)")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", metavar="NAME",
                    help='AutoAugment policy, e.g. "rand-m9-mstd0.5-inc1"; "none" to disable')

@@ -12,6 +12,9 @@ FLOPs of one step are counted once, on the eager model, with ``torch.utils.flop_
 step's compute dtype, timed in the same process on the same device, so the fraction is comparable across
 machines.
 
+The step's work that no faster matmul removes (gradient norm and AdamW update; under autocast the weight and
+gradient casts) is also timed alone, and the best the step could do printed: its FLOPs at the peak plus that floor.
+
 The paper's "with [M]" baseline (the encoder sees every patch, removed ones replaced by a mask token;
 ``benchmarks/with_mask_tokens.py``) is timed too and MAE's speedup over it printed (``--no-compare_mask_tokens``
 skips it). ``--profile N`` prints where the time of N more steps goes, operator by operator (torch.profiler).
@@ -36,7 +39,7 @@ from benchmarks.common import cpu_model, machine, write_json  # noqa: E402
 from benchmarks.flops import MatmulPeak, compute_dtype, count_flops, synchronize  # noqa: E402
 from benchmarks.with_mask_tokens import MaskedAutoencoderWithMaskTokens  # noqa: E402
 from util.amp import (AMP_CHOICES, GradientUpdater, autocast, cpu_has_bf16_matrix_units,  # noqa: E402
-                      resolve_amp)
+                      resolve_amp, total_norm)
 from util.cli import default_device  # noqa: E402
 from util.runtime import adamw, build_model, choose_attention, keep_freed_memory  # noqa: E402
 
@@ -170,6 +173,33 @@ def time_steps(step, device, warmup: int, steps: int, peak: MatmulPeak):
     return times, peaks, losses
 
 
+def time_update_floor(optimizer, params, args, device, reps: int = 5) -> dict:
+    """What a step does besides its matmuls and that no matmul speed-up removes, timed alone on the model's own
+    parameters (medians of ``reps``): the gradient norm and the AdamW update, and under autocast the cast of every
+    matmul weight to the compute dtype and of its gradient back to fp32 (autocast and autograd do both every step).
+    Runs after the timed steps: the update changes the weights."""
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+
+    def median_s(fn):
+        times = []
+        for _ in range(reps):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    update_s = median_s(lambda: (total_norm([p.grad for p in params]), optimizer.step()))
+    cast_s = 0.0
+    if args.amp != "none":
+        dtype, weights = compute_dtype(args.amp), [p for p in params if p.ndim >= 2]
+        cast_s = median_s(lambda: [w.to(dtype).to(torch.float32) for w in weights])
+    optimizer.zero_grad(set_to_none=True)
+    return {"update_s": update_s, "cast_s": cast_s}
+
+
 # operators doing the counted FLOPs (matmuls, convolutions, attention); the rest is memory-bound or overhead
 MATMUL_CLASS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
                 "aten::convolution_backward", "aten::cudnn_convolution", "aten::_scaled_dot_product",
@@ -251,6 +281,10 @@ def bench_one(args, kind: str, device: torch.device, peak: MatmulPeak) -> dict:
         result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if args.profile:
         result["profile"] = profile_steps(step, device, args.profile)
+    floor = time_update_floor(optimizer, params, args, device)
+    # the best this step could do if every counted FLOP ran at the probed peak and only the floor were added
+    best_s = flops / result["peak_flops_per_s"] + floor["update_s"] + floor["cast_s"]
+    result.update(floor_s=floor, best_step_s=best_s, best_fraction_of_peak=flops / result["peak_flops_per_s"] / best_s)
     del model, optimizer, forward_module, step, eager
     gc.collect()
     return result
@@ -283,13 +317,21 @@ def format_table(report: dict) -> str:
                  f"(sweep, median of {peak['reps']}, GFLOP/s by size: {by_size})")
     lines.append("'of peak': median over steps of the step's FLOP/s over the peak probed right after it; 'cpu share': "
                  "CPU time this process got per thread per wall second (well below 100 %: the cores were shared)")
+    for r in report["runs"]:
+        if r["kind"] == "pretrain":
+            f = r["floor_s"]
+            lines.append(f"not matmul work, timed alone: gradient norm + AdamW {f['update_s'] * 1e3:.0f} ms, weight and "
+                         f"gradient casts {f['cast_s'] * 1e3:.0f} ms per step; with every FLOP at the probed peak the "
+                         f"step would take {r['best_step_s'] * 1e3:.0f} ms: at most {r['best_fraction_of_peak']:.1%} "
+                         f"of peak at this batch size")
     v = report.get("vs_fp32")
     if v:
         lines.append(f"{args['amp']} pretraining step: {v['fraction_of_peak']:.1%} of the {peak['dtype']} matmul "
                      f"peak, {v['speedup']:.2f}x the fp32 step of this run ({v['fp32_images_per_s']:.2f} img/s, "
                      f"{v['fp32_fraction_of_peak']:.1%} of the fp32 peak of "
                      f"{v['fp32_peak_flops_per_s'] / 1e9:.1f} GFLOP/s, attention "
-                     f"{'fused' if report['fp32_fused_attn'] else 'plain'})")
+                     f"{'fused' if report['fp32_fused_attn'] else 'plain'}); at most "
+                     f"{v['best_speedup']:.2f}x with every {args['amp']} FLOP at the peak)")
     if report.get("no_bf16_units"):
         lines.append("this CPU has no bf16 matrix units (no AMX): bf16 matmuls are emulated and cannot be fast here")
     s = report.get("speedup_vs_mask_tokens")
@@ -358,7 +400,8 @@ def main(args) -> dict:
                              "fraction_of_peak": runs["pretrain"]["fraction_of_peak"],
                              "fp32_images_per_s": fp32["images_per_s"],
                              "fp32_fraction_of_peak": fp32["fraction_of_peak"],
-                             "fp32_peak_flops_per_s": fp32["peak_flops_per_s"]}
+                             "fp32_peak_flops_per_s": fp32["peak_flops_per_s"],
+                             "best_speedup": fp32["step_time_s"] / runs["pretrain"]["best_step_s"]}
     report["no_bf16_units"] = device.type == "cpu" and args.amp == "bf16" and not cpu_has_bf16_matrix_units()
     print(format_table(report))
     for r in report["runs"]:

@@ -102,6 +102,11 @@ def test_bench_step_json_fields_agree_with_each_other_and_the_table(bench_json):
         assert run["flops_per_image"] == pytest.approx(run["flops_per_step"] / BATCH)
         assert 0 < run["fraction_of_peak"] and 0 < run["cpu_share"] <= 1.5
         assert run["optimizer"] == "fused"  # util.runtime.adamw on a CPU
+        floor = run["floor_s"]  # casts only under autocast (the default amp depends on the host)
+        assert floor["update_s"] > 0 and (floor["cast_s"] > 0) == (report["args"]["amp"] != "none")
+        assert run["best_step_s"] == pytest.approx(
+            run["flops_per_step"] / run["peak_flops_per_s"] + floor["update_s"] + floor["cast_s"])
+        assert 0 < run["best_fraction_of_peak"] < 1
     mae, with_m = report["runs"][:2]
     embed_dim, decoder_dim = 192, 192
     # with [M] trains the encoder's mask token and freezes the decoder's
@@ -112,6 +117,7 @@ def test_bench_step_json_fields_agree_with_each_other_and_the_table(bench_json):
         with_m["step_time_s"] * with_m["peak_flops_per_s"] / (mae["step_time_s"] * mae["peak_flops_per_s"]))
     assert f"{speedup['flops']:.2f}x fewer FLOPs" in stdout and f"{speedup['wall_clock']:.2f}x wall clock" in stdout
     assert "MAE pretrain" in stdout and "pretrain with [M]" in stdout and "matmul peak" in stdout
+    assert f"at most {mae['best_fraction_of_peak']:.1%} of peak" in stdout
 
 
 def test_auto_optimizer_is_the_training_programs_adamw():

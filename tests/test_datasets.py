@@ -494,3 +494,23 @@ def test_classification_loaders_return_the_class_count_and_leave_args_alone(tmp_
                            nb_classes=None, batch_size=2, num_workers=0, pin_mem=False, dist_eval=False, seed=0)
     with pytest.raises(UserError, match="cannot tell the number of classes"):
         build_classification_loaders(unlabelled, "finetune")
+
+
+def test_small_image_crop_padding_zero_leaves_only_flips():
+    """--crop_padding 0: a fine-tuning sample is the evaluation image or its mirror image, never shifted; by default
+    (size / 8 px) some samples are shifted. Above 64 px the flag is refused, not ignored."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
+    plain = dict(dataset="fashion_mnist", input_size=28, aa="none", color_jitter=None, reprob=0.0)
+    reference = build_transform("eval", make_args(**plain))(image)
+    mirrored = torch.flip(reference, dims=[-1])
+
+    def shifted_samples(**extra):
+        transform = build_transform("finetune", make_args(**plain, **extra))
+        torch.manual_seed(0)
+        samples = [transform(image) for _ in range(20)]
+        return sum(not (torch.equal(s, reference) or torch.equal(s, mirrored)) for s in samples)
+
+    assert shifted_samples(crop_padding=0) == 0
+    assert shifted_samples() > 10
+    with pytest.raises(UserError, match="--crop_padding applies to images up to 64 px, not --input_size 96"):
+        build_transform("finetune", make_args(**{**plain, "input_size": 96}, crop_padding=0))

@@ -16,7 +16,8 @@ def demo_run(tmp_path_factory):
     data = make_fashion_mnist(root / "data", n_train=64, n_test=32)
     out = root / "out"
     result = run_program("demo.py", "--data_path", data, "--output_dir", out, "--device", "cpu",
-                         "--num_workers", "0", "--batch_size", "16", "--pretrain_epochs", "2",
+                         "--num_workers", "0", "--batch_size", "16", "--finetune_batch_size", "16",
+                         "--pretrain_epochs", "2",
                          "--probe_epochs", "1", "--finetune_epochs", "1", "--downstream_images", "48",
                          "--knn_train_images", "40", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -92,7 +93,8 @@ def test_demo_run_again_starts_each_stage_afresh(demo_run):
     out, _ = demo_run
     data = json.loads((out / "results.json").read_text())["args"]["data_path"]
     result = run_program("demo.py", "--data_path", data, "--output_dir", out,
-                         "--device", "cpu", "--num_workers", "0", "--batch_size", "16", "--pretrain_epochs", "1",
+                         "--device", "cpu", "--num_workers", "0", "--batch_size", "16", "--finetune_batch_size", "16",
+                         "--pretrain_epochs", "1",
                          "--probe_epochs", "1", "--finetune_epochs", "1", "--downstream_images", "48",
                          "--knn_train_images", "40", "--no_random_init", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -53,17 +53,22 @@ def _dataset_name(args) -> str:
 def build_transform(kind: str, args):
     """Above 64 px, the original's: RandomResizedCrop (scale 0.2-1) and a flip for pre-training, its own single-draw
     crop (0.08-1) and a flip for linear probing, timm's RandAugment / RandomErasing for fine-tuning, a bicubic resize
-    and a center crop for evaluation. Up to 64 px (CIFAR, Fashion-MNIST): random crops with reflect padding and flips
-    (fine-tuning adds RandAugment / RandomErasing when asked); evaluation has no center-crop margin."""
+    and a center crop for evaluation. Up to 64 px (CIFAR, Fashion-MNIST): random crops with reflect
+    padding (``args.crop_padding`` px, default size / 8; 0: none) and flips (fine-tuning adds RandAugment /
+    RandomErasing when asked); evaluation has no center-crop margin."""
     if kind not in TRANSFORM_KINDS:
         raise ValueError(f"unknown transform kind '{kind}': expected one of {TRANSFORM_KINDS}")
     info, size = dataset_info(args), int(args.input_size)
     to_tensor = [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
+    padding = getattr(args, "crop_padding", None)
+    if padding is not None and size > SMALL_IMAGE_MAX_SIZE:
+        raise UserError(f"--crop_padding applies to images up to {SMALL_IMAGE_MAX_SIZE} px, not --input_size {size}")
     if size <= SMALL_IMAGE_MAX_SIZE:  # Resize leaves an image of the right size alone; the center crop squares others
         steps = [transforms.Resize(size, interpolation=BICUBIC), transforms.CenterCrop(size)]
+        padding = size // 8 if padding is None else padding
         if kind != "eval":
-            steps += [transforms.RandomCrop(size, padding=size // 8, padding_mode="reflect"),
-                      transforms.RandomHorizontalFlip()]
+            steps += [transforms.RandomCrop(size, padding=padding, padding_mode="reflect")] if padding else []
+            steps += [transforms.RandomHorizontalFlip()]
         if kind != "finetune":
             return transforms.Compose(steps + to_tensor)
         _, augment, finish = _timm_finetune_transform(size, info, args, separate=True)  # all but timm's crop and flip
