@@ -35,6 +35,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.bench_ablations import median_ms  # noqa: E402
 from benchmarks.common import cpu_model, machine, write_json  # noqa: E402
 from benchmarks.flops import MatmulPeak, compute_dtype, count_flops, synchronize  # noqa: E402
 from benchmarks.with_mask_tokens import MaskedAutoencoderWithMaskTokens  # noqa: E402
@@ -175,21 +176,14 @@ def time_steps(step, device, warmup: int, steps: int, peak: MatmulPeak):
 
 def time_update_floor(optimizer, params, args, device, reps: int = 5) -> dict:
     """What a step does besides its matmuls and that no matmul speed-up removes, timed alone on the model's own
-    parameters (medians of ``reps``): the gradient norm and the AdamW update, and under autocast the cast of every
-    matmul weight to the compute dtype and of its gradient back to fp32 (autocast and autograd do both every step).
-    Runs after the timed steps: the update changes the weights."""
+    parameters (median of ``reps`` after 2 warm-up calls): the gradient norm and the AdamW update, and under autocast
+    the cast of every matmul weight to the compute dtype and of its gradient back to fp32 (autocast and autograd do
+    both every step). Runs after the timed steps: the update changes the weights."""
     for p in params:
         p.grad = torch.full_like(p, 1e-3)
 
-    def median_s(fn):
-        times = []
-        for _ in range(reps):
-            synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    def median_s(fn):  # each call ends synchronised, so the next one starts with an idle device
+        return median_ms(lambda: (fn(), synchronize(device)), reps) / 1e3
 
     update_s = median_s(lambda: (total_norm([p.grad for p in params]), optimizer.step()))
     cast_s = 0.0
@@ -320,9 +314,9 @@ def format_table(report: dict) -> str:
     for r in report["runs"]:
         if r["kind"] == "pretrain":
             f = r["floor_s"]
-            lines.append(f"not matmul work, timed alone: gradient norm + AdamW {f['update_s'] * 1e3:.0f} ms, weight and "
-                         f"gradient casts {f['cast_s'] * 1e3:.0f} ms per step; with every FLOP at the probed peak the "
-                         f"step would take {r['best_step_s'] * 1e3:.0f} ms: at most {r['best_fraction_of_peak']:.1%} "
+            lines.append(f"not matmul work, timed alone: gradient norm + AdamW {f['update_s'] * 1e3:.0f} ms, "
+                         f"weight and gradient casts {f['cast_s'] * 1e3:.0f} ms per step; with every FLOP at the "
+                         f"probed peak the step would take {r['best_step_s'] * 1e3:.0f} ms: at most {r['best_fraction_of_peak']:.1%} "
                          f"of peak at this batch size")
     v = report.get("vs_fp32")
     if v:
@@ -330,8 +324,8 @@ def format_table(report: dict) -> str:
                      f"peak, {v['speedup']:.2f}x the fp32 step of this run ({v['fp32_images_per_s']:.2f} img/s, "
                      f"{v['fp32_fraction_of_peak']:.1%} of the fp32 peak of "
                      f"{v['fp32_peak_flops_per_s'] / 1e9:.1f} GFLOP/s, attention "
-                     f"{'fused' if report['fp32_fused_attn'] else 'plain'}); at most "
-                     f"{v['best_speedup']:.2f}x with every {args['amp']} FLOP at the peak)")
+                     f"{'fused' if report['fp32_fused_attn'] else 'plain'}); at most {v['best_speedup']:.2f}x with "
+                     f"every {args['amp']} FLOP at the peak")
     if report.get("no_bf16_units"):
         lines.append("this CPU has no bf16 matrix units (no AMX): bf16 matmuls are emulated and cannot be fast here")
     s = report.get("speedup_vs_mask_tokens")
