@@ -3,7 +3,8 @@
     python benchmarks/bench_attention.py            # CPU, MAE's shapes: ViT-B's encoder and decoder, the demo model's
 
 ``util.runtime.choose_attention`` picks the path from these figures: the fused kernel
-(``F.scaled_dot_product_attention``) except under bf16 on a CPU. Median of ``--reps`` calls after 2 warm-up calls (bench_ablations' timing).
+(``F.scaled_dot_product_attention``) except under bf16 on a CPU. Median of ``--reps`` calls after 2 warm-up calls
+(bench_ablations' timing).
 """
 import argparse
 import sys
