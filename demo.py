@@ -49,18 +49,18 @@ def get_args_parser():
     g = parser.add_argument_group("budget (defaults: about 10 minutes on 2 idle CPU cores)")
     g.add_argument("--model", default="mae_vit_mini_patch7",
                    help="MAE model to pretrain; its classifier twin (without 'mae_') is probed and fine-tuned")
-    g.add_argument("--pretrain_epochs", default=3, type=count(1))
+    g.add_argument("--pretrain_epochs", default=4, type=count(1))
     g.add_argument("--blr", default=1.5e-3, type=float, help="pretraining base lr (lr = blr x batch / 256)")
     g.add_argument("--mask_ratio", default=0.75, type=float)
     g.add_argument("--pretrain_images", default=0, type=count(0), metavar="N", help="first N training images (0: all)")
     g.add_argument("--knn_train_images", default=5000, type=count(1), metavar="N",
                    help="memory bank of the kNN monitor, printed every pretraining epoch")
     g.add_argument("--probe_epochs", default=30, type=count(1), help="epochs of the head on cached features (cheap)")
-    g.add_argument("--finetune_epochs", default=2, type=count(1))
+    g.add_argument("--finetune_epochs", default=5, type=count(1))
     g.add_argument("--finetune_blr", default=1e-2, type=float, help="fine-tuning base lr (lr = blr x batch / 256)")
-    g.add_argument("--finetune_batch_size", default=128, type=count(1))
-    g.add_argument("--downstream_images", default=20000, type=count(0), metavar="N",
-                   help="first N training images for probing and fine-tuning (0: all)")
+    g.add_argument("--finetune_batch_size", default=64, type=count(1))
+    g.add_argument("--downstream_images", default=5000, type=count(0), metavar="N",
+                   help="first N training images, with their labels, for probing and fine-tuning (0: all)")
     g.add_argument("--batch_size", default=128, type=count(1), help="of pretraining and probing")
     g.add_argument("--no_random_init", action="store_false", dest="random_init",
                    help="skip the random-init stages, which do not depend on the pretraining (e.g. comparing targets)")
@@ -105,19 +105,23 @@ def stage_commands(args) -> dict:
         "--max_train_images", str(args.pretrain_images), "--vis_freq", "1", "--save_freq", "1000",
         "--knn_freq", "1", "--knn_train_images", str(args.knn_train_images)]
         + (["--teacher_checkpoint", args.teacher_checkpoint] if args.teacher_checkpoint else []))
+    # Pretraining reads all the training images without labels; the downstream stages get the labels of only the first
+    # 5 000 by default: scarce labels are where pretraining pays (with 20 000, random init fine-tunes to 5.5 points of it).
     downstream = ["--model", classifier, "--max_train_images", str(args.downstream_images), "--save_freq", "1000"]
     # Probe the mean patch token: a few MAE epochs give the class token little reason to summarise the image (the
     # paper probes it after 800+). Cached features make many epochs cheap. LARS moves a weight by about lr x 0.001 of
     # its norm per step: a short run at batch 128 needs more than the original's lr (6.4 at batch 16384, 90 epochs).
     probe = downstream + ["--batch_size", str(args.batch_size), "--global_pool", "--cache_features", "--epochs",
                           str(args.probe_epochs), "--warmup_epochs", "1", "--lr", "16", "--weight_decay", "0.0"]
-    # A short schedule: flips only (no shifted crops, RandAugment, erasing or mixup), no warmup, no drop path; a strong
-    # layer decay lets the new head learn fast while the pretrained blocks move little. Fashion-MNIST's items are
-    # centred and the test images are not shifted: with the default 3-px shifted crops, two epochs end 6 points lower.
+    # The original's fine-tuning regularisation (mixup 0.8, cutmix 1.0, label smoothing 0.1, layer decay 0.65) on a
+    # short schedule: no warmup, flips only. Random erasing and drop path each cost the pretrained encoder 0.3-1 point
+    # at this length; RandAugment is not used. Fashion-MNIST's items are centred and the test images are not shifted:
+    # with the small-image default of 3-px shifted crops, fine-tuning ends several points lower.
     finetune = downstream + ["--epochs", str(args.finetune_epochs), "--warmup_epochs", "0", "--batch_size",
-                             str(args.finetune_batch_size), "--blr", str(args.finetune_blr), "--layer_decay", "0.5",
+                             str(args.finetune_batch_size), "--blr", str(args.finetune_blr), "--layer_decay", "0.65",
                              "--weight_decay", "0.05", "--drop_path", "0.0", "--crop_padding", "0", "--aa", "none",
-                             "--reprob", "0.0", "--smoothing", "0.1"]
+                             "--reprob", "0.0", "--smoothing", "0.1",
+                             "--mixup", "0.8", "--cutmix", "1.0"]
     stages = {"pretrain": (main_pretrain, pretrain)}
     for protocol, program, argv in (("linprobe", main_linprobe, probe), ("finetune", main_finetune, finetune)):
         stages[f"{protocol}_pretrained"] = (program, stage(f"{protocol}_pretrained", argv + ["--finetune", pretrained]))
