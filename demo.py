@@ -106,7 +106,8 @@ def stage_commands(args) -> dict:
         "--knn_freq", "1", "--knn_train_images", str(args.knn_train_images)]
         + (["--teacher_checkpoint", args.teacher_checkpoint] if args.teacher_checkpoint else []))
     # Pretraining reads all the training images without labels; the downstream stages get the labels of only the first
-    # 5 000 by default: scarce labels are where pretraining pays (with 20 000, random init fine-tunes to 5.5 points of it).
+    # 5 000 by default: scarce labels are where pretraining pays (with 20 000, random init fine-tunes to 5.5 points
+    # below the pretrained encoder).
     downstream = ["--model", classifier, "--max_train_images", str(args.downstream_images), "--save_freq", "1000"]
     # Probe the mean patch token: a few MAE epochs give the class token little reason to summarise the image (the
     # paper probes it after 800+). Cached features make many epochs cheap. LARS moves a weight by about lr x 0.001 of
