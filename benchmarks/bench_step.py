@@ -39,7 +39,7 @@ from benchmarks.bench_ablations import median_ms  # noqa: E402
 from benchmarks.common import cpu_model, machine, write_json  # noqa: E402
 from benchmarks.flops import MatmulPeak, compute_dtype, count_flops, synchronize  # noqa: E402
 from benchmarks.with_mask_tokens import MaskedAutoencoderWithMaskTokens  # noqa: E402
-from util.amp import (AMP_CHOICES, GradientUpdater, autocast, cpu_has_bf16_matrix_units,  # noqa: E402
+from util.amp import (AMP_CHOICES, GradientUpdater, autocast, cpu_has_native_bf16,  # noqa: E402
                       resolve_amp, total_norm)
 from util.cli import default_device  # noqa: E402
 from util.runtime import adamw, build_model, choose_attention, keep_freed_memory  # noqa: E402
@@ -52,7 +52,7 @@ def get_args_parser():
     p.add_argument("--batch_size", default=8, type=int)
     p.add_argument("--input_size", default=224, type=int)
     p.add_argument("--amp", default=None, choices=AMP_CHOICES,
-                   help="autocast dtype (default as the programs: bf16 on GPUs that support it and on CPUs with AMX)")
+                   help="autocast dtype (default as the programs: bf16 on GPUs that support it and on CPUs with AMX or AVX512-BF16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (the optimizer stays eager)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--mode", default="pretrain", choices=("pretrain", "finetune", "both"))
@@ -327,7 +327,7 @@ def format_table(report: dict) -> str:
                      f"{'fused' if report['fp32_fused_attn'] else 'plain'}); at most {v['best_speedup']:.2f}x with "
                      f"every {args['amp']} FLOP at the peak")
     if report.get("no_bf16_units"):
-        lines.append("this CPU has no bf16 matrix units (no AMX): bf16 matmuls are emulated and cannot be fast here")
+        lines.append("this CPU has no native bf16 (neither AMX nor AVX512-BF16): bf16 matmuls are emulated and cannot be fast here")
     s = report.get("speedup_vs_mask_tokens")
     if s:
         lines.append(f"MAE speedup over 'with [M]': {s['wall_clock']:.2f}x wall clock ({s['peak_normalised']:.2f}x "
@@ -396,7 +396,7 @@ def main(args) -> dict:
                              "fp32_fraction_of_peak": fp32["fraction_of_peak"],
                              "fp32_peak_flops_per_s": fp32["peak_flops_per_s"],
                              "best_speedup": fp32["step_time_s"] / runs["pretrain"]["best_step_s"]}
-    report["no_bf16_units"] = device.type == "cpu" and args.amp == "bf16" and not cpu_has_bf16_matrix_units()
+    report["no_bf16_units"] = device.type == "cpu" and args.amp == "bf16" and not cpu_has_native_bf16()
     print(format_table(report))
     for r in report["runs"]:
         if "profile" in r:

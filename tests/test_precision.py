@@ -14,9 +14,9 @@ from util.amp import autocast, resolve_amp
 from util.runtime import build_model
 
 
-@pytest.mark.parametrize("amx,expected", [(True, "bf16"), (False, "none")])
-def test_cpu_default_is_bf16_only_with_bf16_matrix_units(monkeypatch, amx, expected):
-    monkeypatch.setattr(amp, "cpu_has_bf16_matrix_units", lambda: amx)
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "none")])
+def test_cpu_default_is_bf16_only_with_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda: native)
     assert resolve_amp(None, torch.device("cpu")) == expected
     assert resolve_amp("none", torch.device("cpu")) == "none"  # an explicit flag wins
     assert resolve_amp("bf16", torch.device("cpu")) == "bf16"
@@ -27,7 +27,7 @@ def test_detection_matches_the_cpu_flags():
         flags = open("/proc/cpuinfo").read().split()
     except OSError:
         pytest.skip("no /proc/cpuinfo")
-    assert amp.cpu_has_bf16_matrix_units() == ("amx_bf16" in flags and "amx_tile" in flags)
+    assert amp.cpu_has_native_bf16() == (("amx_bf16" in flags and "amx_tile" in flags) or "avx512_bf16" in flags)
 
 
 def step(model, images, precision):

@@ -12,16 +12,18 @@ from util.errors import UserError
 AMP_CHOICES = ("bf16", "fp16", "none")
 
 
-def cpu_has_bf16_matrix_units() -> bool:
-    """Intel AMX, as torch detects it: oneDNN runs bf16 matmuls there several times faster than fp32."""
-    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+def cpu_has_native_bf16() -> bool:
+    """bf16 dot products in hardware, as torch detects them: Intel AMX tiles, or AVX512-BF16 (AMD Zen 4 and later,
+    Intel Cooper Lake). oneDNN's bf16 matmuls run there several times faster than fp32 (BENCHMARKS.md §8)."""
+    return any(getattr(torch.cpu, probe, lambda: False)()
+               for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def resolve_amp(amp: str | None, device: torch.device) -> str:
     """``--amp`` as given, or the default for the device: bf16 where the hardware multiplies bf16 natively (GPUs that
-    support it, CPUs with AMX), else none."""
+    support it, CPUs with AMX or AVX512-BF16), else none."""
     if amp is None:
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16_matrix_units()
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
         return "bf16" if native else "none"
     if amp not in AMP_CHOICES:
         raise UserError(f"--amp must be one of {AMP_CHOICES}, got {amp!r}")

@@ -86,7 +86,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when available)")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--amp", choices=AMP_CHOICES,
-                   help="mixed precision (default: bf16 on GPUs that support it and on CPUs with AMX, else none)")
+                   help="mixed precision (default: bf16 on GPUs that support it and on CPUs with AMX or AVX512-BF16, "
+                        "else none)")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing: recompute the blocks' "
                    "activations in the backward pass instead of storing them (less memory, ~1/3 more compute)")
