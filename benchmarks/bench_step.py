@@ -52,7 +52,8 @@ def get_args_parser():
     p.add_argument("--batch_size", default=8, type=int)
     p.add_argument("--input_size", default=224, type=int)
     p.add_argument("--amp", default=None, choices=AMP_CHOICES,
-                   help="autocast dtype (default as the programs: bf16 on GPUs that support it and on CPUs with AMX or AVX512-BF16)")
+                   help="autocast dtype (default as the programs: bf16 on GPUs that support it and on CPUs with AMX "
+                        "or AVX512-BF16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (the optimizer stays eager)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--mode", default="pretrain", choices=("pretrain", "finetune", "both"))
@@ -65,8 +66,8 @@ def get_args_parser():
                    help="with --amp bf16/fp16, also time the fp32 pretraining step against an fp32 peak and print the "
                         "speedup (default: on)")
     p.add_argument("--attention", default="auto", choices=("auto", "fused", "plain"),
-                   help="timm's attention path: auto as the programs choose it (plain matmuls under bf16 on a CPU, else fused), "
-                        "fused (F.scaled_dot_product_attention) or plain")
+                   help="timm's attention path: auto as the programs choose it (plain matmuls under bf16 on a CPU, "
+                        "else fused), fused (F.scaled_dot_product_attention) or plain")
     p.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
                    help="on CPU, keep freed memory in the heap as the programs do (util.runtime.keep_freed_memory); "
                         "--no-keep_freed_memory measures glibc's default")
@@ -316,8 +317,8 @@ def format_table(report: dict) -> str:
             f = r["floor_s"]
             lines.append(f"not matmul work, timed alone: gradient norm + AdamW {f['update_s'] * 1e3:.0f} ms, "
                          f"weight and gradient casts {f['cast_s'] * 1e3:.0f} ms per step; with every FLOP at the "
-                         f"probed peak the step would take {r['best_step_s'] * 1e3:.0f} ms: at most {r['best_fraction_of_peak']:.1%} "
-                         f"of peak at this batch size")
+                         f"probed peak the step would take {r['best_step_s'] * 1e3:.0f} ms: at most "
+                         f"{r['best_fraction_of_peak']:.1%} of peak at this batch size")
     v = report.get("vs_fp32")
     if v:
         lines.append(f"{args['amp']} pretraining step: {v['fraction_of_peak']:.1%} of the {peak['dtype']} matmul "
@@ -326,8 +327,9 @@ def format_table(report: dict) -> str:
                      f"{v['fp32_peak_flops_per_s'] / 1e9:.1f} GFLOP/s, attention "
                      f"{'fused' if report['fp32_fused_attn'] else 'plain'}); at most {v['best_speedup']:.2f}x with "
                      f"every {args['amp']} FLOP at the peak")
-    if report.get("no_bf16_units"):
-        lines.append("this CPU has no native bf16 (neither AMX nor AVX512-BF16): bf16 matmuls are emulated and cannot be fast here")
+    if report.get("no_native_bf16"):
+        lines.append("this CPU has no native bf16 (neither AMX nor AVX512-BF16): bf16 matmuls are emulated and "
+                     "cannot be fast here")
     s = report.get("speedup_vs_mask_tokens")
     if s:
         lines.append(f"MAE speedup over 'with [M]': {s['wall_clock']:.2f}x wall clock ({s['peak_normalised']:.2f}x "
@@ -396,7 +398,7 @@ def main(args) -> dict:
                              "fp32_fraction_of_peak": fp32["fraction_of_peak"],
                              "fp32_peak_flops_per_s": fp32["peak_flops_per_s"],
                              "best_speedup": fp32["step_time_s"] / runs["pretrain"]["best_step_s"]}
-    report["no_bf16_units"] = device.type == "cpu" and args.amp == "bf16" and not cpu_has_native_bf16()
+    report["no_native_bf16"] = device.type == "cpu" and args.amp == "bf16" and not cpu_has_native_bf16()
     print(format_table(report))
     for r in report["runs"]:
         if "profile" in r:

@@ -16,6 +16,7 @@ import models_mae
 from benchmarks.flops import EXTRA_FLOP_FORMULAS
 from benchmarks.with_mask_tokens import MaskedAutoencoderWithMaskTokens
 from conftest import REPO, run_program
+from util.amp import cpu_has_native_bf16
 
 TINY = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2,
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -118,6 +119,9 @@ def test_bench_step_json_fields_agree_with_each_other_and_the_table(bench_json):
     assert f"{speedup['flops']:.2f}x fewer FLOPs" in stdout and f"{speedup['wall_clock']:.2f}x wall clock" in stdout
     assert "MAE pretrain" in stdout and "pretrain with [M]" in stdout and "matmul peak" in stdout
     assert f"at most {mae['best_fraction_of_peak']:.1%} of peak" in stdout
+    # the warning about emulated bf16 follows the host's detection, in the JSON and the table alike
+    assert report["no_native_bf16"] == (report["args"]["amp"] == "bf16" and not cpu_has_native_bf16())
+    assert ("this CPU has no native bf16" in stdout) == report["no_native_bf16"]
 
 
 def test_auto_optimizer_is_the_training_programs_adamw():
