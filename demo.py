@@ -163,10 +163,10 @@ def probe_pixels(args) -> None:
     write_log_line(args.output_dir, epoch, train_stats, evaluate(val_loader, head, device, args))
 
 
-def main(args):
-    find_fashion_mnist(args.data_path)
+def run_stages(stages: dict, output_dir: str) -> tuple[dict, dict]:
+    """Run ``stage_commands``' stages in order, each command printed first: (seconds, test accuracy) per stage."""
     seconds, accuracy = {}, {}
-    for name, (program, argv) in stage_commands(args).items():
+    for name, (program, argv) in stages.items():
         run_stage = probe_pixels if name == "linprobe_pixels" else program.main
         command = f"{program.__name__}.py {shlex.join(argv)}"
         shown = f"demo.probe_pixels({command})" if run_stage is probe_pixels else f"python {command}"
@@ -175,8 +175,14 @@ def main(args):
         run_stage(program.get_args_parser().parse_args(argv))
         seconds[name] = time.perf_counter() - start
         if name != "pretrain":
-            accuracy[name] = final_test_accuracy(os.path.join(args.output_dir, name, "log.txt"))
+            accuracy[name] = final_test_accuracy(os.path.join(output_dir, name, "log.txt"))
         print(f"=== {name}: {seconds[name]:.0f} s", flush=True)
+    return seconds, accuracy
+
+
+def main(args):
+    find_fashion_mnist(args.data_path)
+    seconds, accuracy = run_stages(stage_commands(args), args.output_dir)
     knn = [r["knn_acc1"] for r in read_log(os.path.join(args.output_dir, "pretrain", "log.txt")) if "knn_acc1" in r]
 
     rows = ["| features | linear probe | fine-tune |", "|---|---:|---:|"]

@@ -5,7 +5,8 @@ import pytest
 
 import demo
 import util.datasets
-from conftest import run_program
+from benchmarks import demo_variants
+from conftest import log_lines, run_program
 from fakedata import make_fashion_mnist
 from util.errors import UserError
 
@@ -86,6 +87,39 @@ def test_demo_downloads_fashion_mnist_only_when_missing_and_says_what_to_install
     with pytest.raises(UserError, match="downloading it failed \\(no network\\): apt-get install dataset-fashion-mnist"):
         demo.find_fashion_mnist(str(tmp_path / "empty"))
     assert downloads == [str(tmp_path / "empty")]
+
+
+def test_demo_variants_reruns_the_chosen_stages_with_changed_flags_on_the_demo_encoder(demo_run, tmp_path):
+    out, _ = demo_run
+    data = json.loads((out / "results.json").read_text())["args"]["data_path"]
+    demo_files = sorted(p.name for p in (out / "pretrain").iterdir())
+    variant = tmp_path / "variant"
+    result = run_program("benchmarks/demo_variants.py", "--output_dir", variant, "--pretraining_from", out,
+                         "--stages", "finetune_pretrained", "linprobe_random", "--stage_args=--epochs 2",
+                         "--", "--data_path", data, "--device", "cpu", "--num_workers", "0", "--batch_size", "16",
+                         "--finetune_batch_size", "16", "--probe_epochs", "1", "--finetune_epochs", "1",
+                         "--downstream_images", "48", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((variant / "variant.json").read_text())
+    assert list(report["accuracy"]) == ["linprobe_random", "finetune_pretrained"]  # in the demo's order
+    for stage, accuracy in report["accuracy"].items():
+        logged = log_lines(variant / stage)
+        assert [e["epoch"] for e in logged] == [0, 1]  # --stage_args overrode the demo's one epoch
+        assert accuracy == logged[-1]["test_acc1"]
+    assert result.stdout.count(f"loaded {variant / 'pretrain' / 'checkpoint-last.pth'}") == 1
+    assert (variant / "pretrain").resolve() == (out / "pretrain").resolve()
+    assert sorted(p.name for p in (out / "pretrain").iterdir()) == demo_files  # the demo's run is only read
+    assert "--stage_args=--epochs 2" in result.stdout.splitlines()[-1]
+
+
+def test_demo_variants_refuses_to_guess_the_encoder_or_to_pretrain_into_another_run(tmp_path):
+    parser = demo_variants.get_args_parser()
+    with pytest.raises(UserError, match="the \\*_pretrained stages need an encoder.*got none"):
+        demo_variants.main(parser.parse_args(["--output_dir", str(tmp_path / "a"), "--stages", "finetune_pretrained"]))
+    with pytest.raises(UserError, match="give no --pretraining_from"):
+        demo_variants.main(parser.parse_args(["--output_dir", str(tmp_path / "b"), "--stages", "pretrain",
+                                              "--pretraining_from", str(tmp_path)]))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_demo_run_again_starts_each_stage_afresh(demo_run):
