@@ -14,7 +14,6 @@ table row: the test accuracy of each stage run, with the machine and the command
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
