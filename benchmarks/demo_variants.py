@@ -25,8 +25,7 @@ from benchmarks.common import machine, write_json  # noqa: E402
 from util.cli import run  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
-STAGES = ("pretrain", "linprobe_pretrained", "linprobe_random", "finetune_pretrained", "finetune_random",
-          "linprobe_pixels")
+STAGES = tuple(demo.stage_commands(demo.get_args_parser().parse_args([])))  # the demo's names, in its order
 
 
 def get_args_parser():
