@@ -124,10 +124,12 @@ def main(args):
                                       log_writer=log_writer, criterion=criterion, mixup_fn=mixup_fn,
                                       start_step=step, max_accuracy=max_accuracy)
         step = 0
-        test_stats = evaluate(data_loader_val, model_ddp, device, args)
-        max_accuracy = max(max_accuracy, test_stats["acc1"])
-        print(f"accuracy of the network on {len(data_loader_val.dataset)} test images: {test_stats['acc1']:.2f}%, "
-              f"max {max_accuracy:.2f}%")
+        test_stats = {}
+        if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
+            test_stats = evaluate(data_loader_val, model_ddp, device, args)
+            max_accuracy = max(max_accuracy, test_stats["acc1"])
+            print(f"accuracy of the network on {len(data_loader_val.dataset)} test images: {test_stats['acc1']:.2f}%, "
+                  f"max {max_accuracy:.2f}%")
         write_log_line(args.output_dir, epoch, train_stats, test_stats, log_writer, max_accuracy=max_accuracy)
         save_training_state(args, epoch, model, optimizer, updater, max_accuracy=max_accuracy,
                             keep=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)

@@ -198,6 +198,21 @@ def test_eval_of_a_saved_finetuned_checkpoint_reproduces_its_logged_accuracy(ima
     assert acc1 == pytest.approx(logged, abs=1e-3)
 
 
+@pytest.mark.parametrize("program", [main_finetune, main_linprobe], ids=["finetune", "linprobe"])
+def test_eval_freq_evaluates_every_nth_epoch_and_after_the_last(program, imagefolder, pretrained, tmp_path,
+                                                                monkeypatch):
+    evaluated = []
+    real_evaluate = program.evaluate
+    monkeypatch.setattr(program, "evaluate", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
+    out = tmp_path / "run"
+    run_in_process(program, classifier_argv(imagefolder, out, "--finetune", pretrained, "--epochs", "3",
+                                            "--eval_freq", "2", "--warmup_epochs", "0"))
+    lines = log_lines(out)
+    assert [line["epoch"] for line in lines] == [0, 1, 2]
+    assert ["test_acc1" in line for line in lines] == [False, True, True]  # the 2nd epoch and the last
+    assert len(evaluated) == 2
+
+
 def test_dist_eval_under_torchrun_two_processes(imagefolder, pretrained, tmp_path, capsys):
     out = tmp_path / "dist"
     result = run_program("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_finetune.py",

@@ -119,3 +119,5 @@ def add_classifier_args(parser: argparse.ArgumentParser, global_pool_default: bo
     g.add_argument("--nb_classes", default=None, type=count(1), help="number of classes (default: the data set's)")
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--dist_eval", action="store_true", help="shard evaluation over processes (faster; pads the set)")
+    g.add_argument("--eval_freq", default=1, type=count(1), metavar="N",
+                   help="evaluate after every N-th epoch and after the last (default 1: every epoch, as the original)")
