@@ -119,7 +119,7 @@ def stage_commands(args) -> dict:
     # at this length; RandAugment is not used. Fashion-MNIST's items are centred and the test images are not shifted:
     # with the small-image default of 3-px shifted crops, fine-tuning ends several points lower. Seven epochs: with
     # five, fine-tuning fell under the probe for two of three seeds (BENCHMARKS.md §9). One evaluation, after the last
-    # epoch (the table's figure): evaluating the 10 000 test images costs most of a training epoch here.
+    # epoch (the table's figure): evaluating the 10 000 test images costs about half a training epoch here.
     finetune = downstream + ["--epochs", str(args.finetune_epochs), "--eval_freq", str(args.finetune_epochs),
                              "--warmup_epochs", "0", "--batch_size", str(args.finetune_batch_size),
                              "--blr", str(args.finetune_blr), "--layer_decay", "0.65", "--weight_decay", "0.05",
