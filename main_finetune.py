@@ -18,7 +18,7 @@ from engine import evaluate, train_one_epoch
 from util import distributed
 from util.amp import GradientUpdater
 from util.checkpoint import load_pretrained, resume_training, save_training_state
-from util.cli import Parser, add_classifier_args, add_common_args, count, run
+from util.cli import Parser, add_classifier_args, add_common_args, count, evaluation_due, run
 from util.datasets import dataset_info
 from util.errors import UserError
 from util.loader import build_classification_loaders
@@ -125,7 +125,7 @@ def main(args):
                                       start_step=step, max_accuracy=max_accuracy)
         step = 0
         test_stats = {}
-        if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
+        if evaluation_due(epoch, args):
             test_stats = evaluate(data_loader_val, model_ddp, device, args)
             max_accuracy = max(max_accuracy, test_stats["acc1"])
             print(f"accuracy of the network on {len(data_loader_val.dataset)} test images: {test_stats['acc1']:.2f}%, "

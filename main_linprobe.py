@@ -19,7 +19,7 @@ from engine import evaluate, train_one_epoch
 from util import distributed
 from util.amp import GradientUpdater, autocast
 from util.checkpoint import load_pretrained, resume_training, save_training_state
-from util.cli import Parser, add_classifier_args, add_common_args, run
+from util.cli import Parser, add_classifier_args, add_common_args, evaluation_due, run
 from util.datasets import build_dataset, build_transform, dataset_info
 from util.errors import UserError
 from util.loader import build_classification_loaders, build_loader, limit_train_images
@@ -144,7 +144,7 @@ def main(args):
                                       max_accuracy=max_accuracy)
         step = 0
         test_stats = {}
-        if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
+        if evaluation_due(epoch, args):
             test_stats = evaluate(data_loader_val, model_ddp, device, args)
             max_accuracy = max(max_accuracy, test_stats["acc1"])
         write_log_line(args.output_dir, epoch, train_stats, test_stats, log_writer, max_accuracy=max_accuracy)

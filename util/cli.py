@@ -121,3 +121,8 @@ def add_classifier_args(parser: argparse.ArgumentParser, global_pool_default: bo
     g.add_argument("--dist_eval", action="store_true", help="shard evaluation over processes (faster; pads the set)")
     g.add_argument("--eval_freq", default=1, type=count(1), metavar="N",
                    help="evaluate after every N-th epoch and after the last (default 1: every epoch, as the original)")
+
+
+def evaluation_due(epoch: int, args) -> bool:
+    """Whether a classifier program evaluates after ``epoch`` (0-based): every ``--eval_freq``-th epoch and the last."""
+    return (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs
