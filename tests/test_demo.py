@@ -2,13 +2,16 @@
 import json
 
 import pytest
+import torch
 
 import demo
 import util.datasets
 from benchmarks import demo_variants
 from conftest import log_lines, run_program
 from fakedata import make_fashion_mnist
+from util.amp import resolve_amp
 from util.errors import UserError
+from util.runtime import compile_unavailable
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +21,7 @@ def demo_run(tmp_path_factory):
     out = root / "out"
     result = run_program("demo.py", "--data_path", data, "--output_dir", out, "--device", "cpu",
                          "--num_workers", "0", "--batch_size", "16", "--finetune_batch_size", "16",
-                         "--pretrain_epochs", "2",
+                         "--pretrain_epochs", "2", "--no-compile",
                          "--probe_epochs", "1", "--finetune_epochs", "1", "--downstream_images", "48",
                          "--knn_train_images", "40", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -54,7 +57,20 @@ def test_demo_stages_use_the_same_budget_and_only_the_pretrained_ones_load_weigh
     # the pixel baseline fits the probe's head to the same 48 images' 28 x 28 pixels, scored on the same 32
     assert stdout.count("cached the features of 48 training and 32 validation images") == 3
     assert "cached the features of 48 training and 32 validation images (784 per image)" in stdout
-    assert stdout.count("--amp none") == 6  # every stage in fp32, whatever the host's default
+    host_precision = resolve_amp(None, torch.device("cpu"))
+    assert stdout.count(f"--amp {host_precision} ") == 6  # every stage in the host's precision, written out
+    assert "--compile" not in stdout  # --no-compile
+    assert f"precision {host_precision}\n" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("flags, compiled", [([], compile_unavailable() is None), (["--compile"], True),
+                                             (["--no-compile"], False)])
+def test_demo_compiles_only_the_pretraining_and_where_torch_compile_can_run(flags, compiled):
+    args = demo.get_args_parser().parse_args([*flags, "--amp", "none"])
+    stages = demo.stage_commands(args)
+    assert ("--compile" in stages["pretrain"][1]) == compiled
+    assert not any("--compile" in argv for name, (_, argv) in stages.items() if name != "pretrain")
+    assert all(argv[argv.index("--amp") + 1] == "none" for _, argv in stages.values())
 
 
 def test_demo_prints_the_knn_accuracy_after_every_pretraining_epoch(demo_run):
@@ -128,7 +144,7 @@ def test_demo_run_again_starts_each_stage_afresh(demo_run):
     data = json.loads((out / "results.json").read_text())["args"]["data_path"]
     result = run_program("demo.py", "--data_path", data, "--output_dir", out,
                          "--device", "cpu", "--num_workers", "0", "--batch_size", "16", "--finetune_batch_size", "16",
-                         "--pretrain_epochs", "1",
+                         "--pretrain_epochs", "1", "--no-compile",
                          "--probe_epochs", "1", "--finetune_epochs", "1", "--downstream_images", "48",
                          "--knn_train_images", "40", "--no_random_init", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

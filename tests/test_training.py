@@ -1,5 +1,6 @@
 """README promises checked through a program run: mixup/cutmix on soft targets, mid-epoch checkpoints and their
 resume, the lr schedule as applied, pretraining's weight-decay groups, bf16 autocast and torch.compile."""
+import argparse
 import math
 import shutil
 
@@ -13,6 +14,8 @@ import main_pretrain
 from conftest import (log_lines, run_in_process, run_program, stop_at_training,
                       StopProgram, SUBPROCESS_TIMEOUT, tiny_pretrain_argv, watch_training)
 from util import lr_sched
+from util.errors import UserError
+from util.runtime import compile_unavailable, wrap_model
 
 
 def finetune_argv(data_path, output_dir, *extra):
@@ -231,14 +234,6 @@ def test_pretraining_under_bf16_autocast(imagefolder, tmp_path, monkeypatch):
     assert all(v.dtype == torch.float32 for v in checkpoint["model"].values())
 
 
-def compile_unavailable():
-    if not torch._dynamo.is_dynamo_supported():
-        return "torch.compile (dynamo) is not supported on this Python/platform"
-    if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
-        return "torch.compile's CPU backend (inductor) needs a C++ compiler; none is installed"
-    return None
-
-
 @pytest.mark.skipif(compile_unavailable() is not None, reason=str(compile_unavailable()))
 def test_pretraining_with_compile(imagefolder, tmp_path, monkeypatch):
     """--compile on the smallest model, one step: the program trains the compiled module, the loss is finite and the
@@ -255,3 +250,11 @@ def test_pretraining_with_compile(imagefolder, tmp_path, monkeypatch):
     checkpoint = torch.load(out / "checkpoint-last.pth", weights_only=True)
     assert "blocks.0.attn.qkv.weight" in checkpoint["model"]
     assert not any(key.startswith(("_orig_mod.", "module.")) for key in checkpoint["model"])
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
+    """Without a C++ compiler torch.compile would fail inside the first step with a long compiler traceback."""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    args = argparse.Namespace(grad_ckpt=False, distributed=False, compile=True)
+    with pytest.raises(UserError, match=r"^--compile: .* needs a C\+\+ compiler, and none is installed; run without"):
+        wrap_model(torch.nn.Linear(2, 2), args, torch.device("cpu"))

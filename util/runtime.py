@@ -3,6 +3,7 @@ import ctypes
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +94,19 @@ def wrap_model(model: torch.nn.Module, args, device: torch.device):
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
+        if reason := compile_unavailable():
+            raise UserError(f"--compile: {reason}; run without --compile")
         wrapped = torch.compile(wrapped)
     return wrapped
+
+
+def compile_unavailable() -> str | None:
+    """Why ``torch.compile`` cannot run here (it would fail at the first step with a compiler error), or None."""
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile is not supported on this Python or platform"
+    if not any(shutil.which(compiler) for compiler in ("g++", "c++", "clang++")):
+        return "torch.compile's code generator (inductor) needs a C++ compiler, and none is installed"
+    return None
 
 
 def adamw(param_groups, lr: float, device: torch.device, betas=(0.9, 0.999)) -> torch.optim.AdamW:
