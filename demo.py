@@ -1,7 +1,7 @@
 """End-to-end MAE on real data: pretrain, then judge the encoder against the same encoder from random init and
 against a linear classifier on the raw pixels.
 
-    python demo.py                       # what `make demo` runs: Fashion-MNIST, about 9 minutes on 2 idle CPU cores
+    python demo.py                       # what `make demo` runs: Fashion-MNIST, 7-11 minutes on 2 idle CPU cores
 
 Stages: MAE pretraining of ``mae_vit_mini_patch7`` with the kNN monitor (figures in ``pretrain/``); a linear probe
 and a fine-tuning of its encoder and, on the same budget, of the same encoder from random init; the probe's head
@@ -47,10 +47,10 @@ def get_args_parser():
     g.add_argument("--num_workers", default=1, type=count(0))
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--amp", default=None, choices=AMP_CHOICES,
-                   help="precision of every stage (default: bf16 where the CPU or GPU multiplies bf16 natively, else none)")
+                   help="precision of every stage (default: bf16 where the CPU or GPU has bf16 units, else none)")
     g.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
                    help="torch.compile the pretraining (default: where it can run, i.e. with a C++ compiler)")
-    g = parser.add_argument_group("budget (defaults: about 9 minutes on 2 idle CPU cores with bf16 units)")
+    g = parser.add_argument_group("budget (defaults: about 7 min on 2 idle CPU cores with bf16 units, 11 without)")
     g.add_argument("--model", default="mae_vit_mini_patch7",
                    help="MAE model to pretrain; its classifier twin (without 'mae_') is probed and fine-tuned")
     g.add_argument("--pretrain_epochs", default=7, type=count(1))
