@@ -2,7 +2,9 @@
 resume, the lr schedule as applied, pretraining's weight-decay groups, bf16 autocast and torch.compile."""
 import argparse
 import math
+import re
 import shutil
+import sysconfig
 
 import pytest
 import torch
@@ -257,4 +259,16 @@ def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     args = argparse.Namespace(grad_ckpt=False, distributed=False, compile=True)
     with pytest.raises(UserError, match=r"^--compile: .* needs a C\+\+ compiler, and none is installed; run without"):
+        wrap_model(torch.nn.Linear(2, 2), args, torch.device("cpu"))
+
+
+def test_compile_without_python_headers_is_one_clear_error(tmp_path, monkeypatch):
+    """inductor's generated C++ includes Python.h: without Python's headers (Debian's python3-dev) it fails to build."""
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")  # a C++ compiler, whatever the host has
+    real_get_path = sysconfig.get_path
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: str(tmp_path) if name == "include"
+                        else real_get_path(name, *a, **k))
+    args = argparse.Namespace(grad_ckpt=False, distributed=False, compile=True)
+    expected = rf"^--compile: .* includes Python.h, which is not in {re.escape(str(tmp_path))} \(Debian: apt-get"
+    with pytest.raises(UserError, match=expected):
         wrap_model(torch.nn.Linear(2, 2), args, torch.device("cpu"))

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import shutil
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,9 @@ def compile_unavailable() -> str | None:
         return "torch.compile is not supported on this Python or platform"
     if not any(shutil.which(compiler) for compiler in ("g++", "c++", "clang++")):
         return "torch.compile's code generator (inductor) needs a C++ compiler, and none is installed"
+    if not os.path.isfile(os.path.join(sysconfig.get_path("include"), "Python.h")):
+        return (f"torch.compile's code generator (inductor) includes Python.h, which is not in "
+                f"{sysconfig.get_path('include')} (Debian: apt-get install python3-dev)")
     return None
 
 
