@@ -49,7 +49,7 @@ def get_args_parser():
     g.add_argument("--amp", default=None, choices=AMP_CHOICES,
                    help="precision of every stage (default: bf16 where the CPU or GPU has bf16 units, else none)")
     g.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
-                   help="torch.compile the pretraining (default: where it can run, i.e. with a C++ compiler)")
+                   help="torch.compile the pretraining (default: where it can, i.e. with a C++ compiler and Python.h)")
     g = parser.add_argument_group("budget (defaults: about 7 min on 2 idle CPU cores with bf16 units, 11 without)")
     g.add_argument("--model", default="mae_vit_mini_patch7",
                    help="MAE model to pretrain; its classifier twin (without 'mae_') is probed and fine-tuned")
